@@ -1,0 +1,205 @@
+"""
+``pushctl``: send a notification, read a device's status, listen as an app.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import json
+import ssl
+import sys
+import time
+from pathlib import Path
+
+from twisted.python import usage
+
+
+class SendOptions(usage.Options):
+    synopsis = "TOKEN TOPIC JSON"
+    optParameters = [
+        ["gateway", "g", "localhost:2197", "Provider API host:port."],
+        ["state-dir", "d", "var/gateway", "Gateway state dir (provider key and CA are read from it)."],
+        ["key-file", None, None, "Provider key file [default: STATE-DIR/provider.key]."],
+        ["ca", None, None, "CA certificate to trust [default: STATE-DIR/ca.pem]."],
+        ["expiration", None, None, "apns-expiration (UNIX time; 0 = now or never)."],
+        ["priority", None, None, "apns-priority (10, 5 or 1)."],
+        ["collapse-id", None, None, "apns-collapse-id."],
+        ["push-type", None, "alert", "apns-push-type."],
+    ]
+
+    def parseArgs(self, token, topic, payload):
+        self["token"], self["topic"], self["payload"] = token, topic, payload
+
+
+class StatusOptions(usage.Options):
+    optFlags = [["json", "j", "Print the report as JSON."]]
+    optParameters = [["socket", "s", "var/device/pushd.sock", "The device daemon's socket."]]
+
+
+class ListenOptions(usage.Options):
+    synopsis = "TOPIC"
+    optParameters = [
+        ["socket", "s", "var/device/pushd.sock", "The device daemon's socket."],
+        ["count", "n", None, "Exit after this many notifications.", int],
+    ]
+
+    def parseArgs(self, topic):
+        self["topic"] = topic
+
+
+class Options(usage.Options):
+    synopsis = "pushctl COMMAND [options]"
+    subCommands = [
+        ["send", None, SendOptions, "Send one notification through the provider API."],
+        ["status", None, StatusOptions, "Print the device daemon's status report."],
+        ["listen", None, ListenOptions, "Register a topic as an app; print its token and every push."],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("give a command: " + ", ".join(c[0] for c in self.subCommands))
+
+
+def send(o) -> int:
+    state = Path(o["state-dir"])
+    key_file = Path(o["key-file"] or state / "provider.key")
+    ca = Path(o["ca"] or state / "ca.pem")
+    try:
+        key = key_file.read_text().strip()
+    except OSError as e:
+        print(f"pushctl: cannot read provider key {key_file}: {e.strerror}", file=sys.stderr)
+        return 2
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca.exists() else ssl.create_default_context()
+    host, _, port = o["gateway"].rpartition(":")
+    if not host:
+        host, port = o["gateway"], "2197"
+    headers = {
+        "authorization": f"bearer {key}",
+        "apns-topic": o["topic"],
+        "apns-push-type": o["push-type"],
+        "content-type": "application/json",
+    }
+    for opt, header in (("expiration", "apns-expiration"), ("priority", "apns-priority"), ("collapse-id", "apns-collapse-id")):
+        if o[opt] is not None:
+            headers[header] = o[opt]
+    conn = http.client.HTTPSConnection(host.strip("[]"), int(port), context=ctx, timeout=30)
+    try:
+        conn.request("POST", f"/3/device/{o['token']}", body=o["payload"].encode(), headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException) as e:
+        print(f"pushctl: {o['gateway']}: {e}", file=sys.stderr)
+        return 2
+    apns_id = resp.getheader("apns-id")
+    print(f"{resp.status} apns-id: {apns_id}" + (f" {body.decode(errors='replace')}" if body else ""))
+    return 0 if resp.status == 200 else 1
+
+
+def _when(t):
+    if t is None:
+        return "never"
+    stamp = datetime.datetime.fromtimestamp(t).strftime("%b %-d, %Y at %-I:%M:%S %p")
+    return f"{stamp} ({time.time() - t:.2f} seconds ago)"
+
+
+TIME_KEYS = {
+    "startup time", "connection time", "last connection attempt",
+    "last keepalive request time", "last keepalive response time", "persistent connection created",
+}
+
+
+def format_report(report: dict) -> str:
+    lines = []
+
+    def put(key, value, indent):
+        if key in TIME_KEYS:
+            value = _when(value)
+        elif isinstance(value, bool):
+            value = "Yes" if value else "No"
+        label = " " * indent + key + ":"
+        lines.append(f"{label:<46}{value}")
+
+    for key, value in report.items():
+        if key == "apps":
+            continue
+        put(key, value, 0)
+    for app in report.get("apps", []):
+        lines.append("")
+        for key, value in app.items():
+            put(key, value, 0 if key == "application port name" else 3)
+    return "\n".join(lines)
+
+
+def _with_daemon(socket_path, work):
+    from twisted.internet import task
+
+    from pushd.device import client
+
+    def main(reactor):
+        d = client.connect(reactor, socket_path)
+        d.addCallback(lambda c: work(reactor, c))
+        return d
+
+    try:
+        task.react(main)
+    except SystemExit as e:
+        return e.code or 0
+    return 0
+
+
+def status(o) -> int:
+    def work(reactor, c):
+        def show(report):
+            print(json.dumps(report, indent=2) if o["json"] else format_report(report))
+
+        return c.status().addCallback(show)
+
+    if not Path(o["socket"]).exists():
+        print(f"pushctl: no device daemon socket at {o['socket']}", file=sys.stderr)
+        return 2
+    return _with_daemon(o["socket"], work)
+
+
+def listen(o) -> int:
+    from twisted.internet import defer
+
+    done = defer.Deferred()
+    seen = [0]
+
+    def on_push(topic, payload, message_id):
+        sys.stdout.write(payload.decode("utf-8", "replace") + "\n")
+        sys.stdout.flush()
+        seen[0] += 1
+        if o["count"] and seen[0] >= o["count"] and not done.called:
+            from twisted.internet import reactor
+
+            reactor.callLater(0, done.callback, None)
+
+    def work(reactor, c):
+        c.on_push = on_push
+
+        def got(token):
+            print(f"token {token.hex()}", file=sys.stderr, flush=True)
+            return done
+
+        return c.register(o["topic"]).addCallback(got)
+
+    if not Path(o["socket"]).exists():
+        print(f"pushctl: no device daemon socket at {o['socket']}", file=sys.stderr)
+        return 2
+    return _with_daemon(o["socket"], work)
+
+
+def main(argv=None) -> int:
+    o = Options()
+    try:
+        o.parseOptions(argv if argv is not None else sys.argv[1:])
+    except usage.UsageError as e:
+        print(f"pushctl: {e}\n{o}", file=sys.stderr)
+        return 2
+    return {"send": send, "status": status, "listen": listen}[o.subCommand](o.subOptions)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The AMP commands spoken on the device's local socket, between the daemon and apps."""
+
+from twisted.protocols import amp
+
+
+class NotRegistered(Exception):
+    pass
+
+
+class Register(amp.Command):
+    """An app claims a topic (its application port name); answered with its token (hex)."""
+
+    arguments = [(b"topic", amp.Unicode())]
+    response = [(b"token", amp.Unicode())]
+    errors = {ValueError: b"BAD_TOPIC"}
+
+
+class Status(amp.Command):
+    """The daemon's status report, as JSON."""
+
+    arguments = []
+    response = [(b"report", amp.Unicode())]
+
+
+class Deliver(amp.Command):
+    """Daemon to app: one notification. Answering it is the app's ack."""
+
+    arguments = [
+        (b"topic", amp.Unicode()),
+        (b"payload", amp.String()),
+        (b"message_id", amp.String()),
+    ]
+    response = []

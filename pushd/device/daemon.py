@@ -1,0 +1,226 @@
+"""
+The device daemon's logic: one courier connection serving every registered app.
+It hears the courier (ICourierListener) and the apps (AMP on a UNIX socket).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.protocols import amp
+from zope.interface import implementer
+
+from pushd import wire
+from pushd.device import amp as cmds
+from pushd.device.courier import ICourierListener
+
+MAX_TOPIC = 255
+HELD_PER_TOPIC = 100
+SEEN_IDS = 4096
+
+
+@implementer(ICourierListener)
+class DeviceDaemon:
+    log = Logger()
+
+    def __init__(self, identity, clock):
+        self.identity = identity
+        self.clock = clock
+        self.factory = None  # the CourierClientFactory, set by the service
+        self.proto = None
+        self.apps: dict = {}  # topic -> AppProtocol
+        self.held: dict = {}  # topic -> deque of (payload, message id), app not running
+        self._seen: OrderedDict = OrderedDict()
+        self._token_waiters: dict = {}  # topic -> [Deferred]
+        self.started = clock.seconds()
+        self.connected_at = None
+        self.last_ka_request = None
+        self.last_ka_response = None
+        self.received = 0
+        self.duplicates = 0
+
+    def _topics(self):
+        return {wire.topic_hash(t): t for t in self.identity.apps}
+
+    # --- courier events --------------------------------------------------------------
+
+    def connected(self, proto, base_token):
+        self.proto = proto
+        self.connected_at = self.clock.seconds()
+        if base_token != self.identity.base_token:
+            self.identity.base_token = base_token
+            self.identity.save()
+        self.log.info("connected as device {device}", device=self.identity.device_id)
+        self._sync_topics()
+
+    def disconnected(self, reason):
+        self.proto = None
+        self.connected_at = None
+        self.log.info("courier connection lost: {why}", why=reason.getErrorMessage())
+
+    def _sync_topics(self):
+        if self.proto is None:
+            return
+        self.proto.send(wire.Filter(token=self.identity.base_token, enabled=sorted(self._topics())))
+        for topic in self.identity.apps:
+            if topic not in self.identity.tokens:
+                self.proto.send(wire.ScopedToken(token=self.identity.base_token, topic=wire.topic_hash(topic)))
+
+    def tokenReceived(self, topic_hash, token):
+        topic = self._topics().get(topic_hash)
+        if topic is None:
+            return
+        self.identity.tokens[topic] = token
+        self.identity.save()
+        for d in self._token_waiters.pop(topic, []):
+            d.callback(token)
+
+    def keepaliveSent(self):
+        self.last_ka_request = self.clock.seconds()
+
+    def keepaliveAnswered(self):
+        self.last_ka_response = self.clock.seconds()
+
+    def notificationReceived(self, msg):
+        self.received += 1
+        if msg.message_id in self._seen:
+            self.duplicates += 1
+            return wire.STATUS_OK
+        topic = self._topics().get(msg.topic)
+        if topic is None:
+            self.log.info("notification for a topic no app registered; acked and dropped")
+            return wire.STATUS_OK
+        self._seen[msg.message_id] = True
+        while len(self._seen) > SEEN_IDS:
+            self._seen.popitem(last=False)
+        app = self.apps.get(topic)
+        if app is None:
+            self._hold(topic, msg.payload, msg.message_id)
+            return wire.STATUS_OK
+        d = app.callRemote(cmds.Deliver, topic=topic, payload=msg.payload, message_id=msg.message_id)
+
+        def app_failed(f):
+            self.log.info("app for {topic} did not take a push: {why}", topic=topic, why=f.getErrorMessage())
+            self._hold(topic, msg.payload, msg.message_id)
+
+        d.addErrback(app_failed)
+        d.addCallback(lambda _: wire.STATUS_OK)
+        return d
+
+    def _hold(self, topic, payload, message_id):
+        q = self.held.setdefault(topic, deque(maxlen=HELD_PER_TOPIC))
+        q.append((payload, message_id))
+
+    # --- app events ---------------------------------------------------------------------
+
+    def register(self, topic: str, app):
+        if not topic or len(topic.encode("utf-8")) > MAX_TOPIC:
+            raise ValueError("topic must be 1 to 255 bytes")
+        if topic not in self.identity.apps:
+            self.identity.apps[topic] = {"created": self.clock.seconds()}
+            self.identity.save()
+            self._sync_topics()
+        old = self.apps.get(topic)
+        if old is not None and old is not app:
+            old.transport.loseConnection()
+        self.apps[topic] = app
+        app.topics.add(topic)
+        self.clock.callLater(0, self._flush_held, topic)
+        token = self.identity.tokens.get(topic)
+        if token is not None:
+            return defer.succeed(token)
+        d = defer.Deferred()
+        self._token_waiters.setdefault(topic, []).append(d)
+        return d
+
+    def app_gone(self, app):
+        for topic in app.topics:
+            if self.apps.get(topic) is app:
+                del self.apps[topic]
+
+    def _flush_held(self, topic):
+        app = self.apps.get(topic)
+        q = self.held.get(topic)
+        if app is None or not q:
+            return
+        payload, mid = q.popleft()
+        d = app.callRemote(cmds.Deliver, topic=topic, payload=payload, message_id=mid)
+
+        def failed(f):
+            q.appendleft((payload, mid))
+
+        d.addCallbacks(lambda _: self._flush_held(topic), failed)
+
+    # --- the report -------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        f = self.factory
+        connected = self.proto is not None
+        if connected:
+            courier = "Connected"
+        elif f is not None and f.continueTrying:
+            courier = "Will reattempt to reconnect"
+        else:
+            courier = "Disabled"
+        transport = f.current if f is not None else None
+        return {
+            "daemon status": "Running",
+            "startup time": self.started,
+            "device id": self.identity.device_id,
+            "certificate status": "Provisioned, using new certificate"
+            if self.identity.provisioned_now
+            else "Provisioned, using existing certificate",
+            "courier status": courier,
+            "stream connected": connected,
+            "connected to server hostname": getattr(transport, "host", None),
+            "connected to server port": getattr(transport, "port", None),
+            "connection time": self.connected_at,
+            "successful connections": f.successes if f else 0,
+            "consecutive connection failures": f.failures if f else 0,
+            "last connection attempt": f.last_attempt if f else None,
+            "last keepalive request time": self.last_ka_request,
+            "last keepalive response time": self.last_ka_response,
+            "keepalive interval": f.keepalive_interval if f else None,
+            "notifications received": self.received,
+            "duplicates dropped": self.duplicates,
+            "base token": self.identity.base_token.hex() if self.identity.base_token else None,
+            "apps": [
+                {
+                    "application port name": topic,
+                    "persistent connection status": "Waiting for push notifications"
+                    if connected and topic in self.apps
+                    else "Not connected to service",
+                    "app connected": topic in self.apps,
+                    "persistent connection created": info.get("created"),
+                    "token": self.identity.tokens[topic].hex() if topic in self.identity.tokens else None,
+                    "held": len(self.held.get(topic, ())),
+                }
+                for topic, info in sorted(self.identity.apps.items())
+            ],
+        }
+
+
+class AppProtocol(amp.AMP):
+    """One app (or pushctl) on the local socket."""
+
+    def __init__(self, daemon):
+        super().__init__()
+        self.daemon = daemon
+        self.topics = set()
+
+    @cmds.Register.responder
+    def register(self, topic):
+        d = self.daemon.register(topic, self)
+        return d.addCallback(lambda token: {"token": token.hex()})
+
+    @cmds.Status.responder
+    def status(self):
+        import json
+
+        return {"report": json.dumps(self.daemon.status())}
+
+    def connectionLost(self, reason):
+        self.daemon.app_gone(self)
+        super().connectionLost(reason)

@@ -1,0 +1,132 @@
+"""
+The device's identity on disk: its key, the certificate the gateway's CA issued, that CA,
+and what the gateway handed out (base token, per-topic tokens). It survives restarts; the
+certificate is the device id, so a device keeps its tokens across reconnects.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import ssl
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from pushd import tls
+
+
+class EnrolError(Exception):
+    pass
+
+
+@dataclass
+class Identity:
+    state_dir: Path
+    key: object
+    cert: x509.Certificate
+    ca_pem: bytes
+    base_token: bytes | None = None
+    tokens: dict = field(default_factory=dict)  # topic -> token bytes
+    apps: dict = field(default_factory=dict)  # topic -> {"created": float}
+    provisioned_now: bool = False
+
+    @property
+    def device_id(self) -> str:
+        return tls.device_id_of(self.cert)
+
+    @property
+    def cert_der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+    @classmethod
+    def load(cls, state_dir: Path):
+        paths = [state_dir / n for n in ("device.key", "device.pem", "ca.pem")]
+        if not all(p.exists() for p in paths):
+            return None
+        ident = cls(
+            state_dir,
+            tls.load_key(paths[0].read_bytes()),
+            x509.load_pem_x509_certificate(paths[1].read_bytes()),
+            paths[2].read_bytes(),
+        )
+        state = state_dir / "state.json"
+        if state.exists():
+            try:
+                data = json.loads(state.read_text())
+            except ValueError as e:
+                raise EnrolError(f"{state} is not valid JSON: {e}")
+            if data.get("base_token"):
+                ident.base_token = bytes.fromhex(data["base_token"])
+            ident.tokens = {t: bytes.fromhex(v) for t, v in data.get("tokens", {}).items()}
+            ident.apps = data.get("apps", {})
+        return ident
+
+    def save(self) -> None:
+        data = {
+            "device_id": self.device_id,
+            "base_token": self.base_token.hex() if self.base_token else None,
+            "tokens": {t: v.hex() for t, v in self.tokens.items()},
+            "apps": self.apps,
+        }
+        path = self.state_dir / "state.json"
+        tmp = path.with_name("state.json.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def enrol(url: str, secret: bytes, state_dir: Path, key_type: str = "ec", timeout: float = 15.0) -> Identity:
+    """
+    Get a device certificate from the gateway at ``url`` (its provider port). Blocking: it
+    runs once, before the reactor starts. The TLS is not verified (no CA yet): the request
+    and the answer are authenticated by MACs keyed with the enrolment secret.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = tls.new_key(key_type)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pushd device")]))
+        .sign(key, hashes.SHA256())
+    )
+    csr_pem = csr.public_bytes(serialization.Encoding.PEM)
+    body = json.dumps({"csr": csr_pem.decode("ascii"), "mac": tls.enrol_mac(secret, csr_pem)}).encode()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    req = urllib.request.Request(
+        url.rstrip("/") + "/pushd/v1/enrol", data=body, headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=timeout) as resp:
+            answer = json.loads(resp.read(256 * 1024))
+    except urllib.error.HTTPError as e:
+        try:
+            reason = json.loads(e.read(4096)).get("reason")
+        except ValueError:
+            reason = e.reason
+        raise EnrolError(f"gateway refused enrolment: {e.code} {reason}")
+    except (urllib.error.URLError, OSError) as e:
+        raise EnrolError(f"cannot reach the gateway at {url}: {getattr(e, 'reason', e)}")
+    except ValueError:
+        raise EnrolError("gateway's enrolment answer is not JSON")
+    try:
+        cert_pem = answer["certificate"].encode("ascii")
+        ca_pem = answer["ca"].encode("ascii")
+        mac = answer["mac"]
+    except (KeyError, AttributeError, TypeError):
+        raise EnrolError("gateway's enrolment answer lacks certificate, ca or mac")
+    if not hmac.compare_digest(tls.enrol_mac(secret, cert_pem, ca_pem), str(mac)):
+        raise EnrolError("enrolment answer fails its MAC: not our gateway, or the secret differs")
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    tls.write_private(state_dir / "device.key", tls.key_pem(key))
+    (state_dir / "device.pem").write_bytes(cert_pem)
+    (state_dir / "ca.pem").write_bytes(ca_pem)
+    ident = Identity(state_dir, key, cert, ca_pem, provisioned_now=True)
+    ident.save()
+    return ident

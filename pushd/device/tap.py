@@ -1,0 +1,141 @@
+"""
+``twistd pushd-device``: the apsd-like daemon. One courier connection kept up with backoff,
+and a local AMP socket for apps and ``pushctl``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.application import service, strports
+from twisted.internet import protocol
+from twisted.logger import Logger
+from twisted.python import usage
+
+from pushd import config
+from pushd.device import transports
+from pushd.device.courier import CourierClientFactory
+from pushd.device.daemon import AppProtocol, DeviceDaemon
+from pushd.device.identity import EnrolError, Identity, enrol
+
+log = Logger()
+
+
+def _positive(kind):
+    def coerce(value):
+        v = kind(value)
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    coerce.coerceDoc = "Must be positive."
+    return coerce
+
+
+class Options(config.Options):
+    section = "device"
+    synopsis = "[options]"
+    longdesc = "Run the pushd device daemon: one courier connection for all local apps."
+    optParameters = [
+        ["state-dir", "d", "var/device", "Directory for the device key, certificate and tokens."],
+        ["gateway", "g", "localhost", "Gateway host (courier transports and enrolment default to it)."],
+        ["tls-name", None, None, "Name the gateway's certificate must carry [default: the transport host]."],
+        ["enrol-url", None, None, "Enrolment URL [default: https://GATEWAY:2197]."],
+        ["enrol-secret", None, None, "The gateway's enrolment secret (first start only)."],
+        ["enrol-secret-file", None, None, "File holding the enrolment secret."],
+        ["key-type", None, "ec", "Device key type for enrolment: ec or rsa."],
+        ["socket", "s", None, "App socket path [default: STATE-DIR/pushd.sock]."],
+        ["keepalive", None, 60.0, "Keepalive interval (s) until the gateway advertises one.", _positive(float)],
+        ["keepalive-timeout", None, 15.0, "Seconds to wait for a KeepAliveAck before reconnecting.", _positive(float)],
+        ["max-delay", None, 60.0, "Longest backoff between attempts (s).", _positive(float)],
+    ]
+    multi = {"transport": []}
+
+    def opt_transport(self, description):
+        """Courier transport tls:HOST:PORT or tcp:HOST:PORT, tried in order. Repeatable. [default: tls:GATEWAY:5223, tls:GATEWAY:443]"""
+        self["transport"].append(description)
+
+    def postOptions(self):
+        super().postOptions()
+        if self["key-type"] not in ("ec", "rsa"):
+            raise usage.UsageError("--key-type must be ec or rsa")
+        g = self["gateway"]
+        host = f"[{g}]" if ":" in g else g
+        if not self["transport"]:
+            self["transport"] = [f"tls:{host}:5223", f"tls:{host}:443"]
+        if not self["enrol-url"]:
+            self["enrol-url"] = f"https://{host}:2197"
+        if not self["socket"]:
+            self["socket"] = str(Path(self["state-dir"]) / "pushd.sock")
+
+
+def load_identity(options) -> Identity:
+    state = Path(options["state-dir"])
+    ident = Identity.load(state)
+    if ident is not None:
+        return ident
+    secret = options["enrol-secret"]
+    if options["enrol-secret-file"]:
+        try:
+            secret = Path(options["enrol-secret-file"]).read_text().strip()
+        except OSError as e:
+            raise usage.UsageError(f"cannot read {options['enrol-secret-file']}: {e.strerror}")
+    if not secret:
+        raise usage.UsageError(
+            f"{state} holds no device identity: give --enrol-secret or --enrol-secret-file "
+            "(or run 'pushctl provision') for the first start"
+        )
+    try:
+        return enrol(options["enrol-url"], secret.encode(), state, options["key-type"])
+    except EnrolError as e:
+        raise usage.UsageError(f"enrolment failed: {e}")
+
+
+class CourierService(service.Service):
+    """Starts the factory's first attempt with the reactor and stops retrying on shutdown."""
+
+    def __init__(self, factory):
+        self.factory = factory
+
+    def startService(self):
+        super().startService()
+        self.factory.start()
+
+    def stopService(self):
+        super().stopService()
+        self.factory.stop()
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    ident = load_identity(options)
+    try:
+        transport_list = [
+            transports.parse(t, ident.ca_pem, options["tls-name"]) for t in options["transport"]
+        ]
+    except ValueError as e:
+        raise usage.UsageError(str(e))
+    daemon = DeviceDaemon(ident, reactor)
+    factory = CourierClientFactory(
+        daemon,
+        transport_list,
+        ident.key,
+        ident.cert_der,
+        base_token=ident.base_token,
+        clock=reactor,
+        keepalive_interval=options["keepalive"],
+        keepalive_timeout=options["keepalive-timeout"],
+        max_delay=options["max-delay"],
+    )
+    factory.reactor = reactor
+    daemon.factory = factory
+
+    top = service.MultiService()
+    CourierService(factory).setServiceParent(top)
+    apps = protocol.Factory.forProtocol(lambda: AppProtocol(daemon))
+    sock = options["socket"].replace(":", r"\:")
+    strports.service(f"unix:{sock}:mode=600:lockfile=1", apps).setServiceParent(top)
+    log.info("device {device}; app socket {sock}", device=ident.device_id, sock=options["socket"])
+    top.daemon = daemon
+    return top

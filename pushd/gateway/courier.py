@@ -1,0 +1,264 @@
+"""
+The server side of the courier: one long-lived connection per device.
+
+The protocol turns bytes into frames and frames into calls on the router; it holds only
+the connection's own state (identity, filter, messages in flight).
+"""
+
+from __future__ import annotations
+
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from pushd import tls, wire
+from pushd.gateway.router import ISession
+from pushd.gateway.tokens import TokenError
+
+MAX_PAYLOAD_ADVERTISED = 4096
+
+
+@implementer(ISession, IPushProducer)
+class CourierServerProtocol(Protocol, TimeoutMixin):
+    log = Logger()
+
+    def __init__(self):
+        self.decoder = wire.FrameDecoder()
+        self.device_id = None
+        self.base_token = None
+        self.topics = frozenset()
+        self.inflight: dict = {}
+        self.paused = False
+        self._pumping = False
+        self._again = False
+        self._closing = False
+
+    # --- connection life -----------------------------------------------------
+
+    def connectionMade(self):
+        f = self.factory
+        self.callLater = f.clock.callLater
+        self.setTimeout(f.connect_timeout)
+        self.transport.registerProducer(self, True)
+        self.peer = str(self.transport.getPeer())
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        self._closing = True
+        if self.device_id is not None:
+            self.factory.router.detach(self.device_id, self)
+            self.log.info(
+                "device {device} disconnected ({inflight} unacked kept)",
+                device=self.device_id,
+                inflight=len(self.inflight),
+            )
+
+    def timeoutConnection(self):
+        self.log.info(
+            "closing silent connection {peer} (device {device})",
+            peer=self.peer,
+            device=self.device_id,
+        )
+        self.transport.abortConnection()
+
+    def fail(self, reason: str):
+        """Close for a protocol violation, with the reason in the log."""
+        if self._closing:
+            return
+        self._closing = True
+        self.factory.protocol_errors += 1
+        self.log.warn(
+            "closing {peer} (device {device}): {reason}",
+            peer=self.peer,
+            device=self.device_id,
+            reason=reason,
+        )
+        self.transport.loseConnection()
+
+    def send(self, message: wire.Message):
+        self.transport.write(message.encode())
+
+    # --- bytes to frames to events --------------------------------------------
+
+    def dataReceived(self, data):
+        if self._closing:
+            return
+        self.resetTimeout()
+        try:
+            for frame in self.decoder.feed(data):
+                self.frameReceived(wire.parse(frame))
+                if self._closing:
+                    return
+        except wire.WireError as e:
+            self.fail(str(e))
+
+    def frameReceived(self, msg):
+        if self.device_id is None:
+            if not isinstance(msg, wire.Connect):
+                return self.fail(f"{type(msg).__name__} before Connect")
+            return self.connectReceived(msg)
+        handler = getattr(self, f"handle_{type(msg).__name__}", None)
+        if handler is None:
+            return self.fail(f"unexpected {type(msg).__name__} from a device")
+        handler(msg)
+
+    # --- handlers ----------------------------------------------------------------
+
+    def connectReceived(self, msg: wire.Connect):
+        f = self.factory
+        try:
+            device_id = tls.verify_connect(
+                f.ca_cert, msg.certificate, msg.nonce, msg.signature, f.clock.seconds()
+            )
+        except tls.AuthError as e:
+            f.auth_failures += 1
+            self.send(wire.ConnectAck(status=wire.STATUS_ERROR, max_message_size=0,
+                                      unknown5=b"", capabilities=b"", server_time=0))
+            return self.fail(f"Connect refused: {e}")
+        self.device_id = device_id
+        self.base_token = f.router.tokens.base_token(device_id)
+        self.setTimeout(f.keepalive_interval * f.grace)
+        ack = wire.ConnectAck(
+            status=wire.STATUS_OK,
+            token=self.base_token,
+            max_message_size=MAX_PAYLOAD_ADVERTISED,
+            unknown5=b"",
+            capabilities=b"",
+            server_time=int(f.clock.seconds() * 1000),
+        )
+        if msg.pushd_version:
+            ack.keepalive_interval = f.keepalive_interval
+        self.send(ack)
+        f.router.attach(device_id, self)
+        self.log.info("device {device} connected from {peer}", device=device_id, peer=self.peer)
+
+    def handle_Filter(self, msg: wire.Filter):
+        self.topics = frozenset(msg.enabled) | frozenset(msg.opportunistic)
+        self.wake()
+
+    def handle_ScopedToken(self, msg: wire.ScopedToken):
+        try:
+            token = self.factory.router.tokens.scoped_token(self.device_id, msg.topic)
+        except TokenError:
+            return self.fail("ScopedToken topic is not a SHA-1 hash")
+        self.send(wire.ScopedTokenAck(status=wire.STATUS_OK, scoped_token=token, topic=msg.topic))
+
+    def handle_NotificationAck(self, msg: wire.NotificationAck):
+        if self.inflight.pop(msg.message_id, None) is None:
+            self.log.debug("ack for unknown message from {device}", device=self.device_id)
+            return
+        if msg.status not in (wire.STATUS_OK, None):
+            self.log.info("device {device} refused message (status {status})",
+                          device=self.device_id, status=msg.status)
+        self.factory.delivered += 1
+        self.factory.router.ack(self.device_id, msg.message_id).addErrback(
+            lambda f: self.log.failure("ack failed", f)
+        )
+        self.wake()
+
+    def handle_Notification(self, msg: wire.Notification):
+        # Device-to-server notifications are not a pushd service.
+        self.send(wire.NotificationAck(message_id=msg.message_id, status=wire.STATUS_NOT_ALLOWED))
+
+    def handle_KeepAlive(self, msg):
+        self.send(wire.KeepAliveAck())
+
+    def handle_SetState(self, msg):
+        pass
+
+    def handle_NoStorage(self, msg):
+        pass
+
+    # --- pushing -----------------------------------------------------------------
+
+    def wants(self, topic_hash):
+        return topic_hash in self.topics
+
+    def replaced(self):
+        self.log.info("session of {device} replaced by a newer connection", device=self.device_id)
+        self._closing = True
+        self.transport.loseConnection()
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        self.wake()
+
+    def stopProducing(self):
+        self._closing = True
+
+    def wake(self):
+        if self._pumping:
+            self._again = True
+            return
+        self._pump()
+
+    @defer.inlineCallbacks
+    def _pump(self):
+        f = self.factory
+        self._pumping = True
+        try:
+            while not (self._closing or self.paused) and self.topics:
+                room = f.window - len(self.inflight)
+                if room <= 0:
+                    break
+                self._again = False
+                batch = yield f.router.pending(self.device_id, self.topics, room + len(self.inflight))
+                sent = 0
+                for m in batch:
+                    if self._closing or len(self.inflight) >= f.window:
+                        break
+                    if m.message_id in self.inflight:
+                        continue
+                    self.inflight[m.message_id] = m
+                    self.send(
+                        wire.Notification(
+                            token=m.token,
+                            topic=m.topic_hash,
+                            payload=m.payload,
+                            message_id=m.message_id,
+                            expiry=m.expiry or None,
+                            timestamp=int(m.received * 1e9),
+                            priority=m.priority,
+                        )
+                    )
+                    sent += 1
+                if not sent and not self._again:
+                    break
+        except Exception:
+            self.log.failure("pushing to {device} failed", device=self.device_id)
+        finally:
+            self._pumping = False
+
+
+class CourierFactory(Factory):
+    protocol = CourierServerProtocol
+
+    def __init__(
+        self,
+        router,
+        ca_cert,
+        clock=None,
+        keepalive_interval: int = 60,
+        grace: float = 3.0,
+        connect_timeout: float = 30.0,
+        window: int = 64,
+    ):
+        from twisted.internet import reactor
+
+        self.router = router
+        self.ca_cert = ca_cert
+        self.clock = clock or reactor
+        self.keepalive_interval = keepalive_interval
+        self.grace = grace
+        self.connect_timeout = connect_timeout
+        self.window = window
+        self.protocol_errors = 0
+        self.auth_failures = 0
+        self.delivered = 0

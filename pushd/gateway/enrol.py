@@ -1,0 +1,71 @@
+"""
+Device enrolment: a device sends a CSR with an HMAC keyed by the enrolment secret and gets
+a device certificate and the CA back, MACed the same way. The secret never crosses the wire,
+so enrolling over a not-yet-trusted TLS connection reveals nothing and trusts nothing forged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from cryptography import x509
+from twisted.logger import Logger
+from twisted.web import resource
+
+from pushd import tls
+
+MAX_CSR = 16 * 1024
+
+
+class EnrolResource(resource.Resource):
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, pki):
+        super().__init__()
+        self.pki = pki
+
+    def _error(self, request, status, reason):
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"reason": reason}).encode()
+
+    def render_POST(self, request):
+        if getattr(request, "body_overflow", False):
+            return self._error(request, 413, "RequestTooLarge")
+        raw = request.content.read(MAX_CSR + 1)
+        if len(raw) > MAX_CSR:
+            return self._error(request, 413, "RequestTooLarge")
+        try:
+            body = json.loads(raw)
+            csr_pem = body["csr"].encode("ascii")
+            mac = body["mac"]
+            if not isinstance(mac, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return self._error(request, 400, "BadRequest")
+        secret = self.pki.enrol_secret
+        if not hmac.compare_digest(tls.enrol_mac(secret, csr_pem), mac):
+            self.log.warn("enrolment with a wrong secret from {peer}", peer=str(request.getClientAddress()))
+            return self._error(request, 403, "BadEnrolmentSecret")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+            if not csr.is_signature_valid:
+                raise ValueError("CSR signature invalid")
+            cert = tls.issue_device_cert(self.pki.ca_key, self.pki.ca_cert, csr.public_key())
+        except ValueError as e:
+            return self._error(request, 400, f"BadCSR: {e}")
+        cert_pem = tls.cert_pem(cert)
+        ca_pem = tls.cert_pem(self.pki.ca_cert)
+        device_id = tls.device_id_of(cert)
+        self.log.info("enrolled device {device}", device=device_id)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(
+            {
+                "device_id": device_id,
+                "certificate": cert_pem.decode("ascii"),
+                "ca": ca_pem.decode("ascii"),
+                "mac": tls.enrol_mac(secret, cert_pem, ca_pem),
+            }
+        ).encode()

@@ -1,0 +1,189 @@
+"""
+The provider API, first cut: ``POST /3/device/<hex token>`` as APNs defines it, over
+HTTPS (HTTP/2 by ALPN, HTTP/1.1), authorised by a static bearer key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import uuid
+
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from pushd.gateway.router import Rejected
+
+MAX_PAYLOAD = 4096
+MAX_PAYLOAD_VOIP = 5120
+#: Bytes of request body kept at most; beyond this the body is discarded unread.
+MAX_BODY = 64 * 1024
+PUSH_TYPES = {
+    b"alert", b"background", b"voip", b"complication", b"fileprovider",
+    b"mdm", b"location", b"liveactivity", b"pushtotalk", b"widgets", b"controls",
+}
+
+
+class BoundedRequest(server.Request):
+    """A request whose body is kept up to MAX_BODY bytes; the rest is counted, not stored."""
+
+    body_overflow = False
+    _body_seen = 0
+
+    def handleContentChunk(self, data):
+        self._body_seen += len(data)
+        if self._body_seen > MAX_BODY:
+            self.body_overflow = True
+            return
+        server.Request.handleContentChunk(self, data)
+
+
+def _answer(request, status: int, apns_id: str, reason: str | None = None, **extra):
+    request.defaultContentType = None
+    request.setResponseCode(status)
+    request.setHeader(b"apns-id", apns_id.encode())
+    if reason is None:
+        return b""
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps({"reason": reason, **extra}).encode()
+
+
+class DeviceResource(resource.Resource):
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, router, keys):
+        super().__init__()
+        self.router = router
+        self.keys = [k.encode() if isinstance(k, str) else k for k in keys]
+
+    def render(self, request):
+        apns_id = str(uuid.uuid4())
+        raw_id = request.getHeader(b"apns-id")
+        if raw_id is not None:
+            try:
+                apns_id = str(uuid.UUID(raw_id))
+            except ValueError:
+                return _answer(request, 400, apns_id, "BadMessageId")
+        if request.method != b"POST":
+            return _answer(request, 405, apns_id, "MethodNotAllowed")
+        try:
+            self.check(request)
+            token, topic, fields = self.parse(request)
+        except Rejected as e:
+            return _answer(request, e.status, apns_id, e.reason)
+        d = self.router.accept(token, topic, apns_id=uuid.UUID(apns_id), **fields)
+        d.addCallbacks(
+            lambda _: _answer(request, 200, apns_id),
+            lambda f: self._failed(f, request, apns_id),
+        )
+        d.addCallback(self._finish, request)
+        return server.NOT_DONE_YET
+
+    def _failed(self, failure, request, apns_id):
+        if failure.check(Rejected):
+            e = failure.value
+            return _answer(request, e.status, apns_id, e.reason)
+        self.log.failure("accepting {apns_id} failed", failure, apns_id=apns_id)
+        return _answer(request, 500, apns_id, "InternalServerError")
+
+    @staticmethod
+    def _finish(body, request):
+        if request._disconnected:
+            return
+        request.write(body)
+        request.finish()
+
+    def check(self, request):
+        auth = request.getHeader(b"authorization")
+        if not auth:
+            raise Rejected(403, "MissingProviderToken")
+        scheme, _, key = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not any(
+            hmac.compare_digest(key.strip(), k) for k in self.keys
+        ):
+            raise Rejected(403, "InvalidProviderToken")
+
+    def parse(self, request):
+        parts = request.path.split(b"/")
+        if len(parts) != 4 or parts[1:3] != [b"3", b"device"]:
+            raise Rejected(404, "BadPath")
+        try:
+            token = bytes.fromhex(parts[3].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise Rejected(400, "BadDeviceToken")
+        if not token:
+            raise Rejected(400, "MissingDeviceToken")
+        topic = request.getHeader(b"apns-topic")
+        if not topic:
+            raise Rejected(400, "MissingTopic")
+        try:
+            topic = topic.decode("ascii")
+        except UnicodeDecodeError:
+            raise Rejected(400, "BadTopic")
+        push_type = request.getHeader(b"apns-push-type") or b"alert"
+        if push_type not in PUSH_TYPES:
+            raise Rejected(400, "InvalidPushType")
+        fields = {}
+        raw = request.getHeader(b"apns-expiration")
+        if raw is not None:
+            try:
+                fields["expiry"] = int(raw)
+            except ValueError:
+                raise Rejected(400, "BadExpirationDate")
+            if fields["expiry"] < 0 or fields["expiry"] >= 2**32:
+                raise Rejected(400, "BadExpirationDate")
+        else:
+            # APNs stores a notification without apns-expiration for a while; keep 30 days.
+            fields["expiry"] = int(self.router.now()) + 30 * 86400
+        raw = request.getHeader(b"apns-priority")
+        if raw is not None:
+            if raw not in (b"10", b"5", b"1"):
+                raise Rejected(400, "BadPriority")
+            fields["priority"] = int(raw)
+        raw = request.getHeader(b"apns-collapse-id")
+        if raw is not None:
+            if len(raw) > 64:
+                raise Rejected(400, "BadCollapseId")
+            fields["collapse_id"] = raw.decode("utf-8", "replace")
+        limit = MAX_PAYLOAD_VOIP if push_type == b"voip" else MAX_PAYLOAD
+        if getattr(request, "body_overflow", False):
+            raise Rejected(413, "PayloadTooLarge")
+        payload = request.content.read()
+        if len(payload) > limit:
+            raise Rejected(413, "PayloadTooLarge")
+        if not payload.strip():
+            raise Rejected(400, "PayloadEmpty")
+        try:
+            if not isinstance(json.loads(payload), dict):
+                raise ValueError
+        except ValueError:
+            raise Rejected(400, "BadPayload")
+        fields["payload"] = payload
+        return token, topic, fields
+
+
+class Root(resource.Resource):
+    """Routes by path itself, so that unknown paths get APNs' 404 BadPath, not an HTML page."""
+
+    isLeaf = True
+
+    def __init__(self, device, enrol=None):
+        super().__init__()
+        self.device = device
+        self.enrol = enrol
+
+    def render(self, request):
+        if request.path.startswith(b"/3/device/"):
+            return self.device.render(request)
+        if self.enrol is not None and request.path == b"/pushd/v1/enrol":
+            return self.enrol.render(request)
+        return _answer(request, 404, str(uuid.uuid4()), "BadPath")
+
+
+def make_site(router, keys, enrol=None, clock=None):
+    site = server.Site(Root(DeviceResource(router, keys), enrol), requestFactory=BoundedRequest)
+    if clock is not None:
+        site.callLater = clock.callLater
+    site.displayTracebacks = False
+    return site

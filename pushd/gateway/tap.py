@@ -1,0 +1,103 @@
+"""
+``twistd pushd-gateway``: the courier listeners, the provider API and the store, composed
+as one MultiService.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.application import internet, service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from pushd import config, tls
+from pushd.endpoints import BadListener, listener
+from pushd.gateway.courier import CourierFactory
+from pushd.gateway.enrol import EnrolResource
+from pushd.gateway.provider import make_site
+from pushd.gateway.router import Router
+from pushd.gateway.tokens import TokenMinter
+from pushd.store.memory import MemoryStore
+
+log = Logger()
+
+
+def _positive(kind):
+    def coerce(value):
+        v = kind(value)
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    coerce.coerceDoc = "Must be positive."
+    return coerce
+
+
+class Options(config.Options):
+    section = "gateway"
+    synopsis = "[options]"
+    longdesc = "Run the pushd gateway: courier listeners for devices, the provider API for app servers."
+    optParameters = [
+        ["state-dir", "d", "var/gateway", "Directory for the CA, keys and secrets (created on first start)."],
+        ["keepalive", None, 60, "Keepalive interval (s) devices are asked to keep.", _positive(int)],
+        ["grace", None, 3.0, "A connection silent for keepalive x grace seconds is closed.", _positive(float)],
+        ["queue-size", None, 1000, "Pending notifications kept per device; the oldest is dropped beyond.", _positive(int)],
+        ["window", None, 64, "Notifications in flight (unacked) per connection.", _positive(int)],
+    ]
+    multi = {
+        "courier": ["tls:5223"],
+        "provider": ["tls:2197"],
+        "hostname": ["localhost", "127.0.0.1"],
+    }
+
+    def opt_courier(self, description):
+        """Courier listener (endpoint string; tls: wraps it in pushd TLS). Repeatable. [default: tls:5223]"""
+        self["courier"].append(description)
+
+    def opt_provider(self, description):
+        """Provider API listener, as --courier. Repeatable. [default: tls:2197]"""
+        self["provider"].append(description)
+
+    def opt_hostname(self, name):
+        """Name or address on the server certificate. Repeatable. [default: localhost, 127.0.0.1]"""
+        self["hostname"].append(name)
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    state = Path(options["state-dir"])
+    pki = tls.load_or_create_pki(state, list(options["hostname"]))
+    store = MemoryStore(per_device=options["queue-size"])
+    router = Router(store, TokenMinter(tls.secret_file(state / "token.secret")), reactor)
+
+    top = service.MultiService()
+    courier = CourierFactory(
+        router,
+        pki.ca_cert,
+        clock=reactor,
+        keepalive_interval=options["keepalive"],
+        grace=options["grace"],
+        window=options["window"],
+    )
+    site = make_site(router, [pki.provider_key], EnrolResource(pki))
+    try:
+        for desc in options["courier"]:
+            listener(reactor, desc, courier, pki.server_options(tls.COURIER_ALPN)).setServiceParent(top)
+        for desc in options["provider"]:
+            listener(reactor, desc, site, pki.server_options(tls.PROVIDER_ALPN)).setServiceParent(top)
+    except BadListener as e:
+        raise usage.UsageError(str(e))
+    expiry = internet.TimerService(60, lambda: store.expire(router.now()))
+    expiry.clock = reactor
+    expiry.setServiceParent(top)
+    log.info(
+        "gateway state in {state}; CA {ca}; provider key in {key}",
+        state=str(state.resolve()),
+        ca=str(pki.ca_path.resolve()),
+        key=str((state / "provider.key").resolve()),
+    )
+    top.router = router
+    top.courier = courier
+    return top
