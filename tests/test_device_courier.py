@@ -1,0 +1,255 @@
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.protocol import ClientFactory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from pushd import tls, wire
+from pushd.device.courier import CourierClientFactory, ICourierListener
+from pushd.device.transports import TCPTransport, TLSTransport, parse
+
+from .helpers import CA_CERT, Device, frames_of
+
+
+@implementer(ICourierListener)
+class Listener:
+    def __init__(self):
+        self.events = []
+
+    def connected(self, proto, base_token):
+        self.events.append(("connected", base_token))
+
+    def disconnected(self, reason):
+        self.events.append(("disconnected",))
+
+    def tokenReceived(self, topic_hash, token):
+        self.events.append(("token", topic_hash, token))
+
+    def notificationReceived(self, msg):
+        self.events.append(("notification", msg.payload))
+        return wire.STATUS_OK
+
+    def keepaliveSent(self):
+        self.events.append(("ka",))
+
+    def keepaliveAnswered(self):
+        self.events.append(("ka-ack",))
+
+
+class Highest:
+    """An rng at the top of every jitter range, so delays are exact."""
+
+    def uniform(self, a, b):
+        return b
+
+
+def connect_ack(**kw):
+    fields = dict(status=0, token=b"B" * 32, max_message_size=4096, unknown5=b"", capabilities=b"", server_time=1)
+    fields.update(kw)
+    return wire.ConnectAck(**fields).encode()
+
+
+class FactoryTests(unittest.TestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.listener = Listener()
+        self.dev = Device()
+        self.factory = CourierClientFactory(
+            self.listener,
+            [TCPTransport("127.0.0.1", 5223), TCPTransport("127.0.0.1", 443)],
+            self.dev.key,
+            self.dev.der,
+            clock=self.reactor,
+            max_delay=30,
+            rng=Highest(),
+        )
+        verifyObject(ICourierListener, self.listener)
+
+    def ports(self):
+        return [c[1] for c in self.reactor.tcpClients]
+
+    def fail_last(self):
+        self.factory.clientConnectionFailed(self.reactor.connectors[-1], Failure(ConnectionRefusedError()))
+
+    def up(self):
+        """Complete the current attempt: protocol built, ConnectAck received."""
+        proto = self.factory.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        proto.dataReceived(connect_ack())
+        return proto, t
+
+    def test_first_attempt_goes_to_first_transport(self):
+        self.factory.start()
+        self.assertEqual(self.ports(), [5223])
+
+    def test_backoff_doubles_to_max_and_rotates(self):
+        self.factory.start()
+        waits = []
+        for _ in range(7):
+            self.fail_last()
+            (call,) = self.reactor.getDelayedCalls()
+            waits.append(call.getTime() - self.reactor.seconds())
+            self.reactor.advance(waits[-1])
+        self.assertEqual(waits, [1, 2, 4, 8, 16, 30, 30])
+        self.assertEqual(self.ports(), [5223, 443, 5223, 443, 5223, 443, 5223, 443])
+        self.assertEqual(self.factory.failures, 7)
+
+    def test_jitter_is_full(self):
+        import random
+
+        self.factory.rng = random.Random(1)
+        self.factory.start()
+        self.factory.delay = 16
+        self.fail_last()
+        (call,) = self.reactor.getDelayedCalls()
+        wait = call.getTime() - self.reactor.seconds()
+        self.assertTrue(0 <= wait <= 16)
+        self.assertNotIn(wait, (0, 16))
+
+    def test_connect_ack_resets_backoff(self):
+        self.factory.start()
+        for _ in range(3):
+            self.fail_last()
+            self.reactor.advance(100)
+        self.assertEqual(self.factory.delay, 8)
+        proto, t = self.up()
+        self.assertEqual(self.factory.delay, 1)
+        self.assertEqual(self.factory.failures, 0)
+        self.assertEqual(self.factory.successes, 1)
+        self.assertEqual(self.factory.base_token, b"B" * 32)
+        self.assertIn(("connected", b"B" * 32), self.listener.events)
+
+    def test_tcp_connect_alone_does_not_reset(self):
+        """A gateway that accepts TCP and then refuses Connect is still backed off from."""
+        self.factory.start()
+        self.fail_last()
+        self.reactor.advance(100)
+        proto = self.factory.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        proto.dataReceived(connect_ack(status=2))
+        self.assertTrue(t.disconnecting)
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.factory.clientConnectionLost(None, Failure(ConnectionLost()))
+        self.assertEqual(self.factory.failures, 2)
+        (call,) = self.reactor.getDelayedCalls()
+        self.assertEqual(call.getTime() - self.reactor.seconds(), 2)
+
+    def test_lost_after_up_retries_same_transport_quickly(self):
+        self.factory.start()
+        self.fail_last()
+        self.reactor.advance(100)  # now on 443
+        proto, t = self.up()
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.factory.clientConnectionLost(None, Failure(ConnectionLost()))
+        self.assertIn(("disconnected",), self.listener.events)
+        (call,) = self.reactor.getDelayedCalls()
+        self.assertLessEqual(call.getTime() - self.reactor.seconds(), 1)
+        self.reactor.advance(1)
+        self.assertEqual(self.ports()[-1], 443)
+
+    def test_stop_leaves_no_delayed_calls(self):
+        self.factory.start()
+        self.fail_last()
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        self.factory.stop()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stop_while_connected(self):
+        self.factory.start()
+        proto, t = self.up()
+        self.factory.stop()
+        self.assertTrue(t.disconnecting)
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.factory.clientConnectionLost(None, Failure(ConnectionLost()))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class ProtocolTests(unittest.TestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.listener = Listener()
+        self.dev = Device()
+        self.factory = CourierClientFactory(
+            self.listener, [TCPTransport("127.0.0.1", 5223)], self.dev.key, self.dev.der,
+            clock=self.reactor, keepalive_interval=60, keepalive_timeout=15,
+        )
+        self.proto = self.factory.buildProtocol(None)
+        self.t = StringTransport()
+        self.proto.makeConnection(self.t)
+
+    def sent(self):
+        out = frames_of(self.t.value())
+        self.t.clear()
+        return out
+
+    def test_connect_proves_identity(self):
+        (c,) = self.sent()
+        self.assertIsInstance(c, wire.Connect)
+        self.assertEqual(
+            tls.verify_connect(CA_CERT, c.certificate, c.nonce, c.signature, self.reactor.seconds()), self.dev.id
+        )
+        self.assertEqual(c.pushd_version, 1)
+
+    def test_no_connect_ack_drops(self):
+        self.reactor.advance(15)
+        self.assertTrue(self.t.disconnecting)
+
+    def test_keepalive_cycle(self):
+        self.proto.dataReceived(connect_ack())
+        self.sent()
+        self.reactor.advance(60)
+        self.assertEqual(self.sent(), [wire.KeepAlive()])
+        self.reactor.advance(5)
+        self.proto.dataReceived(wire.KeepAliveAck().encode())
+        self.assertIn(("ka-ack",), self.listener.events)
+        self.reactor.advance(60)
+        self.assertEqual(self.sent(), [wire.KeepAlive()])
+        self.reactor.advance(14)
+        self.assertFalse(self.t.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(self.t.disconnecting, "unanswered keepalive drops the connection")
+
+    def test_gateway_sets_interval(self):
+        self.proto.dataReceived(connect_ack(keepalive_interval=20))
+        self.sent()
+        self.reactor.advance(20)
+        self.assertEqual(self.sent(), [wire.KeepAlive()])
+
+    def test_notification_acked(self):
+        self.proto.dataReceived(connect_ack())
+        self.sent()
+        n = wire.Notification(token=b"T" * 32, topic=wire.topic_hash("a"), payload=b"{}", message_id=b"m1")
+        self.proto.dataReceived(n.encode())
+        (ack,) = self.sent()
+        self.assertEqual((ack.message_id, ack.status), (b"m1", 0))
+        self.assertIn(("notification", b"{}"), self.listener.events)
+
+    def test_garbage_from_gateway_drops(self):
+        self.proto.dataReceived(b"\x08\xff\xff\xff\xff")
+        self.assertTrue(self.t.disconnecting)
+
+    def test_connection_lost_cancels_timers(self):
+        self.proto.dataReceived(connect_ack())
+        self.proto.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class TransportTests(unittest.TestCase):
+    def test_parse(self):
+        self.assertEqual(parse("tcp:127.0.0.1:5223", b""), TCPTransport("127.0.0.1", 5223))
+        t = parse("tls:[::1]:443", b"pem", "push.example")
+        self.assertEqual((t.host, t.port, t.tls_name), ("::1", 443, "push.example"))
+        self.assertIsInstance(t, TLSTransport)
+
+    def test_parse_errors(self):
+        for bad in ("udp:h:1", "tls:h", "tls::5223", "tcp:h:x", "tcp:h:70000"):
+            self.assertRaises(ValueError, parse, bad, b"")
+
+    def test_tls_connects_with_connect_ssl(self):
+        r = MemoryReactorClock()
+        TLSTransport("localhost", 5223, tls.cert_pem(CA_CERT)).connect(r, ClientFactory())
+        self.assertEqual(r.sslClients[0][:2], ("localhost", 5223))
