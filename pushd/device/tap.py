@@ -67,6 +67,10 @@ class Options(config.Options):
             self["enrol-url"] = f"https://{host}:2197"
         if not self["socket"]:
             self["socket"] = str(Path(self["state-dir"]) / "pushd.sock")
+        if len(self["socket"].encode()) > 107:
+            raise usage.UsageError(
+                f"socket path {self['socket']!r} is longer than AF_UNIX allows (107 bytes); give a shorter --socket"
+            )
 
 
 def load_identity(options) -> Identity:

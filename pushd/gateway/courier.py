@@ -77,6 +77,12 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
             device=self.device_id,
             reason=reason,
         )
+        self._close()
+
+    def _close(self):
+        """Flush what was written (a refusing ConnectAck), then close.
+        TLS defers loseConnection while a producer is registered, so unregister first."""
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def send(self, message: wire.Message):
@@ -181,7 +187,7 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
     def replaced(self):
         self.log.info("session of {device} replaced by a newer connection", device=self.device_id)
         self._closing = True
-        self.transport.loseConnection()
+        self._close()
 
     def pauseProducing(self):
         self.paused = True
