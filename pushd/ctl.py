@@ -162,26 +162,24 @@ def status(o) -> int:
 
 
 def listen(o) -> int:
-    from twisted.internet import defer
-
-    done = defer.Deferred()
-    seen = [0]
-
-    def on_push(topic, payload, message_id):
-        sys.stdout.write(payload.decode("utf-8", "replace") + "\n")
-        sys.stdout.flush()
-        seen[0] += 1
-        if o["count"] and seen[0] >= o["count"] and not done.called:
-            from twisted.internet import reactor
-
-            reactor.callLater(0, done.callback, None)
+    """Be an app: register, print the token on stderr and each payload on stdout."""
 
     def work(reactor, c):
+        seen = [0]
+
+        def on_push(topic, payload, message_id):
+            sys.stdout.write(payload.decode("utf-8", "replace") + "\n")
+            sys.stdout.flush()
+            seen[0] += 1
+            if o["count"] and seen[0] == o["count"]:
+                # After this Deliver's answer is written: closing flushes it.
+                reactor.callLater(0, c.transport.loseConnection)
+
         c.on_push = on_push
 
         def got(token):
             print(f"token {token.hex()}", file=sys.stderr, flush=True)
-            return done
+            return c.closed
 
         return c.register(o["topic"]).addCallback(got)
 

@@ -5,7 +5,7 @@ receive pushes (answering a Deliver is the ack).
 
 from __future__ import annotations
 
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.protocols import amp
 
 from pushd.device import amp as cmds
@@ -15,6 +15,11 @@ class AppClient(amp.AMP):
     def __init__(self, on_push=None):
         super().__init__()
         self.on_push = on_push
+        self.closed = defer.Deferred()
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.closed.callback(None)
 
     @cmds.Deliver.responder
     def deliver(self, topic, payload, message_id):

@@ -46,6 +46,17 @@ class Identity:
         return self.cert.public_bytes(serialization.Encoding.DER)
 
     @classmethod
+    def create(cls, state_dir: Path, key, cert: x509.Certificate, ca_pem: bytes):
+        """Write a new identity's key, certificate and CA; the state starts empty."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tls.write_private(state_dir / "device.key", tls.key_pem(key))
+        (state_dir / "device.pem").write_bytes(tls.cert_pem(cert))
+        (state_dir / "ca.pem").write_bytes(ca_pem)
+        ident = cls(state_dir, key, cert, ca_pem, provisioned_now=True)
+        ident.save()
+        return ident
+
+    @classmethod
     def load(cls, state_dir: Path):
         paths = [state_dir / n for n in ("device.key", "device.pem", "ca.pem")]
         if not all(p.exists() for p in paths):
@@ -123,10 +134,4 @@ def enrol(url: str, secret: bytes, state_dir: Path, key_type: str = "ec", timeou
         raise EnrolError("gateway's enrolment answer lacks certificate, ca or mac")
     if not hmac.compare_digest(tls.enrol_mac(secret, cert_pem, ca_pem), str(mac)):
         raise EnrolError("enrolment answer fails its MAC: not our gateway, or the secret differs")
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    tls.write_private(state_dir / "device.key", tls.key_pem(key))
-    (state_dir / "device.pem").write_bytes(cert_pem)
-    (state_dir / "ca.pem").write_bytes(ca_pem)
-    ident = Identity(state_dir, key, cert, ca_pem, provisioned_now=True)
-    ident.save()
-    return ident
+    return Identity.create(state_dir, key, x509.load_pem_x509_certificate(cert_pem), ca_pem)

@@ -62,8 +62,8 @@ class DeviceResource(resource.Resource):
         raw_id = request.getHeader(b"apns-id")
         if raw_id is not None:
             try:
-                apns_id = str(uuid.UUID(raw_id))
-            except ValueError:
+                apns_id = str(uuid.UUID(raw_id.decode("ascii")))
+            except (UnicodeDecodeError, ValueError):
                 return _answer(request, 400, apns_id, "BadMessageId")
         if request.method != b"POST":
             return _answer(request, 405, apns_id, "MethodNotAllowed")

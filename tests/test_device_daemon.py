@@ -1,0 +1,136 @@
+from pathlib import Path
+
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from pushd import tls, wire
+from pushd.device import amp as cmds
+from pushd.device.daemon import DeviceDaemon
+from pushd.device.identity import Identity
+
+from .helpers import CA_CERT, Device
+
+TOPIC = "com.example.app"
+TH = wire.topic_hash(TOPIC)
+
+
+class Courier:
+    """Stands in for the courier protocol: records what the daemon sends."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+
+class App:
+    """Stands in for an app's AMP connection."""
+
+    def __init__(self):
+        self.topics = set()
+        self.calls = []
+        self.transport = StringTransport()
+
+    def callRemote(self, command, **kw):
+        d = defer.Deferred()
+        self.calls.append((command, kw, d))
+        return d
+
+
+def note(payload, mid):
+    return wire.Notification(token=b"T" * 32, topic=TH, payload=payload, message_id=mid)
+
+
+class DaemonTests(unittest.TestCase):
+    def setUp(self):
+        dev = Device()
+        self.ident = Identity.create(Path(self.mktemp()), dev.key, dev.cert, tls.cert_pem(CA_CERT))
+        self.clock = task.Clock()
+        self.daemon = DeviceDaemon(self.ident, self.clock)
+        self.courier = Courier()
+
+    def test_register_offline_then_token_on_connect(self):
+        app = App()
+        d = self.daemon.register(TOPIC, app)
+        self.assertNoResult(d)
+        self.daemon.connected(self.courier, b"B" * 32)
+        f, st = self.courier.sent
+        self.assertEqual((f.enabled, f.token), ([TH], b"B" * 32))
+        self.assertEqual(st.topic, TH)
+        self.daemon.tokenReceived(TH, b"S" * 32)
+        self.assertEqual(self.successResultOf(d), b"S" * 32)
+
+    def test_identity_survives_restart(self):
+        self.daemon.connected(self.courier, b"B" * 32)
+        self.daemon.register(TOPIC, App())
+        self.daemon.tokenReceived(TH, b"S" * 32)
+        again = Identity.load(self.ident.state_dir)
+        self.assertEqual(again.device_id, self.ident.device_id)
+        self.assertFalse(again.provisioned_now)
+        self.assertEqual(again.base_token, b"B" * 32)
+        self.assertEqual(again.tokens, {TOPIC: b"S" * 32})
+        self.assertEqual(again.apps[TOPIC]["created"], self.ident.apps[TOPIC]["created"])
+        # A known token answers at once, even offline.
+        d = DeviceDaemon(again, self.clock).register(TOPIC, App())
+        self.assertEqual(self.successResultOf(d), b"S" * 32)
+
+    def test_push_acked_after_app_acks(self):
+        app = App()
+        self.daemon.register(TOPIC, app)
+        d = self.daemon.notificationReceived(note(b"{}", b"m1"))
+        (cmd, kw, answer), = app.calls
+        self.assertEqual((cmd, kw["payload"], kw["message_id"]), (cmds.Deliver, b"{}", b"m1"))
+        self.assertNoResult(d)
+        answer.callback({})
+        self.assertEqual(self.successResultOf(d), wire.STATUS_OK)
+
+    def test_duplicates_dropped(self):
+        app = App()
+        self.daemon.register(TOPIC, app)
+        self.daemon.notificationReceived(note(b"{}", b"m1"))
+        self.assertEqual(self.daemon.notificationReceived(note(b"{}", b"m1")), wire.STATUS_OK)
+        self.assertEqual(len(app.calls), 1)
+        self.assertEqual(self.daemon.duplicates, 1)
+
+    def test_held_while_app_away_then_handed_over_in_order(self):
+        app = App()
+        self.daemon.register(TOPIC, app)
+        self.daemon.app_gone(app)
+        for i in range(3):
+            self.daemon.notificationReceived(note(b"%d" % i, b"m%d" % i))
+        self.assertEqual(len(self.daemon.held[TOPIC]), 3)
+        back = App()
+        self.daemon.register(TOPIC, back)
+        self.clock.advance(0)
+        got = []
+        while back.calls:
+            cmd, kw, d = back.calls.pop(0)
+            got.append(kw["payload"])
+            d.callback({})
+        self.assertEqual(got, [b"0", b"1", b"2"])
+        self.assertEqual(len(self.daemon.held[TOPIC]), 0)
+
+    def test_app_failure_holds(self):
+        app = App()
+        self.daemon.register(TOPIC, app)
+        d = self.daemon.notificationReceived(note(b"x", b"m1"))
+        app.calls[0][2].errback(RuntimeError("gone"))
+        self.assertEqual(self.successResultOf(d), wire.STATUS_OK)
+        self.assertEqual(list(self.daemon.held[TOPIC]), [(b"x", b"m1")])
+
+    def test_bad_topic(self):
+        self.assertRaises(ValueError, self.daemon.register, "", App())
+        self.assertRaises(ValueError, self.daemon.register, "x" * 256, App())
+
+    def test_status(self):
+        self.daemon.register(TOPIC, App())
+        r = self.daemon.status()
+        self.assertEqual(r["courier status"], "Disabled")
+        self.assertEqual(r["apps"][0]["application port name"], TOPIC)
+        self.assertEqual(r["apps"][0]["persistent connection status"], "Not connected to service")
+        self.daemon.connected(self.courier, b"B" * 32)
+        r = self.daemon.status()
+        self.assertEqual(r["courier status"], "Connected")
+        self.assertEqual(r["apps"][0]["persistent connection status"], "Waiting for push notifications")
