@@ -11,6 +11,19 @@ import configparser
 from twisted.python import usage
 
 
+def positive(kind):
+    """An option coercer: a positive number of ``kind``."""
+
+    def coerce(value):
+        v = kind(value)
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    coerce.coerceDoc = "Must be positive."
+    return coerce
+
+
 class Options(usage.Options):
     """usage.Options with ``--config FILE`` and list-valued options named in ``multi``."""
 
@@ -19,7 +32,7 @@ class Options(usage.Options):
 
     def __init__(self):
         super().__init__()
-        for name, default in self.multi.items():
+        for name in self.multi:
             self[name] = []
         self._multi_defaults = dict(self.multi)
 

@@ -61,7 +61,7 @@ class FactoryTests(unittest.TestCase):
             [TCPTransport("127.0.0.1", 5223), TCPTransport("127.0.0.1", 443)],
             self.dev.key,
             self.dev.der,
-            clock=self.reactor,
+            reactor=self.reactor,
             max_delay=30,
             rng=Highest(),
         )
@@ -175,7 +175,7 @@ class ProtocolTests(unittest.TestCase):
         self.dev = Device()
         self.factory = CourierClientFactory(
             self.listener, [TCPTransport("127.0.0.1", 5223)], self.dev.key, self.dev.der,
-            clock=self.reactor, keepalive_interval=60, keepalive_timeout=15,
+            reactor=self.reactor, keepalive_interval=60, keepalive_timeout=15,
         )
         self.proto = self.factory.buildProtocol(None)
         self.t = StringTransport()

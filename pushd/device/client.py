@@ -5,6 +5,8 @@ receive pushes (answering a Deliver is the ack).
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet import defer, endpoints
 from twisted.protocols import amp
 
@@ -33,8 +35,6 @@ class AppClient(amp.AMP):
         return d.addCallback(lambda r: bytes.fromhex(r["token"]))
 
     def status(self):
-        import json
-
         return self.callRemote(cmds.Status).addCallback(lambda r: json.loads(r["report"]))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from zope.interface import Interface
 
@@ -131,8 +131,6 @@ class CourierClientProtocol(protocol.Protocol):
             self.log.warn("gateway refused a scoped token (status {s})", s=msg.status)
 
     def handle_Notification(self, msg):
-        from twisted.internet import defer
-
         d = defer.maybeDeferred(self.listener.notificationReceived, msg)
 
         def ack(status):
@@ -218,21 +216,20 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
         private_key,
         certificate_der: bytes,
         base_token: bytes | None = None,
-        clock=None,
+        reactor=None,
         keepalive_interval: float = 60.0,
         keepalive_timeout: float = 15.0,
         max_delay: float = 60.0,
         rng=None,
     ):
-        from twisted.internet import reactor
-
+        if reactor is None:
+            from twisted.internet import reactor
         self.listener = listener
         self.transports = list(transports)
         self.private_key = private_key
         self.certificate_der = certificate_der
         self.base_token = base_token
-        self.clock = clock or reactor
-        self.reactor = reactor if clock is None else clock
+        self.reactor = self.clock = reactor
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.maxDelay = max_delay

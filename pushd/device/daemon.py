@@ -5,6 +5,7 @@ It hears the courier (ICourierListener) and the apps (AMP on a UNIX socket).
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict, deque
 
 from twisted.internet import defer
@@ -217,8 +218,6 @@ class AppProtocol(amp.AMP):
 
     @cmds.Status.responder
     def status(self):
-        import json
-
         return {"report": json.dumps(self.daemon.status())}
 
     def connectionLost(self, reason):

@@ -21,17 +21,6 @@ from pushd.device.identity import EnrolError, Identity, enrol
 log = Logger()
 
 
-def _positive(kind):
-    def coerce(value):
-        v = kind(value)
-        if v <= 0:
-            raise ValueError("must be positive")
-        return v
-
-    coerce.coerceDoc = "Must be positive."
-    return coerce
-
-
 class Options(config.Options):
     section = "device"
     synopsis = "[options]"
@@ -45,9 +34,9 @@ class Options(config.Options):
         ["enrol-secret-file", None, None, "File holding the enrolment secret."],
         ["key-type", None, "ec", "Device key type for enrolment: ec or rsa."],
         ["socket", "s", None, "App socket path [default: STATE-DIR/pushd.sock]."],
-        ["keepalive", None, 60.0, "Keepalive interval (s) until the gateway advertises one.", _positive(float)],
-        ["keepalive-timeout", None, 15.0, "Seconds to wait for a KeepAliveAck before reconnecting.", _positive(float)],
-        ["max-delay", None, 60.0, "Longest backoff between attempts (s).", _positive(float)],
+        ["keepalive", None, 60.0, "Keepalive interval (s) until the gateway advertises one.", config.positive(float)],
+        ["keepalive-timeout", None, 15.0, "Seconds to wait for a KeepAliveAck before reconnecting.", config.positive(float)],
+        ["max-delay", None, 60.0, "Longest backoff between attempts (s).", config.positive(float)],
     ]
     multi = {"transport": []}
 
@@ -127,12 +116,11 @@ def makeService(options, reactor=None):
         ident.key,
         ident.cert_der,
         base_token=ident.base_token,
-        clock=reactor,
+        reactor=reactor,
         keepalive_interval=options["keepalive"],
         keepalive_timeout=options["keepalive-timeout"],
         max_delay=options["max-delay"],
     )
-    factory.reactor = reactor
     daemon.factory = factory
 
     top = service.MultiService()

@@ -23,27 +23,16 @@ from pushd.store.memory import MemoryStore
 log = Logger()
 
 
-def _positive(kind):
-    def coerce(value):
-        v = kind(value)
-        if v <= 0:
-            raise ValueError("must be positive")
-        return v
-
-    coerce.coerceDoc = "Must be positive."
-    return coerce
-
-
 class Options(config.Options):
     section = "gateway"
     synopsis = "[options]"
     longdesc = "Run the pushd gateway: courier listeners for devices, the provider API for app servers."
     optParameters = [
         ["state-dir", "d", "var/gateway", "Directory for the CA, keys and secrets (created on first start)."],
-        ["keepalive", None, 60, "Keepalive interval (s) devices are asked to keep.", _positive(int)],
-        ["grace", None, 3.0, "A connection silent for keepalive x grace seconds is closed.", _positive(float)],
-        ["queue-size", None, 1000, "Pending notifications kept per device; the oldest is dropped beyond.", _positive(int)],
-        ["window", None, 64, "Notifications in flight (unacked) per connection.", _positive(int)],
+        ["keepalive", None, 60, "Keepalive interval (s) devices are asked to keep.", config.positive(int)],
+        ["grace", None, 3.0, "A connection silent for keepalive x grace seconds is closed.", config.positive(float)],
+        ["queue-size", None, 1000, "Pending notifications kept per device; the oldest is dropped beyond.", config.positive(int)],
+        ["window", None, 64, "Notifications in flight (unacked) per connection.", config.positive(int)],
     ]
     multi = {
         "courier": ["tls:5223"],
