@@ -243,6 +243,7 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
         self.current = None
         self.last_attempt = None
         self.connection = None
+        self._lost_waiters: list = []
 
     # --- connecting ---------------------------------------------------------
 
@@ -262,9 +263,14 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
         self.successes += 1
 
     def stop(self):
+        """Stop retrying and close the connection; fire when it is closed."""
         self.stopTrying()
-        if self.connection is not None and self.connection.transport is not None:
-            self.connection.transport.loseConnection()
+        if self.connection is None or self.connection.transport is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._lost_waiters.append(d)
+        self.connection.transport.loseConnection()
+        return d
 
     def buildProtocol(self, addr):
         p = self.protocol()
@@ -287,6 +293,9 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
     def clientConnectionLost(self, connector, reason):
         was_up = self.connection is not None and self.connection.was_ready
         self.connection = None
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for d in waiters:
+            d.callback(None)
         if not was_up:
             # Lost before ConnectAck (TLS failure, refused Connect): a failed attempt.
             self.failures += 1

@@ -96,7 +96,7 @@ class CourierService(service.Service):
 
     def stopService(self):
         super().stopService()
-        self.factory.stop()
+        return self.factory.stop()
 
 
 def makeService(options, reactor=None):
