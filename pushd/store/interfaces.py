@@ -1,51 +1,82 @@
 """
 What the gateway needs from storage. The router persists before it answers a provider,
 and deletes only on a device's ACK, whatever provider sits behind these interfaces.
+Every method returns a Deferred.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from zope.interface import Attribute, Interface
+from zope.interface import Interface
+
+
+class StoreUnavailable(Exception):
+    """The store cannot take or give data now (down, overloaded, timed out)."""
 
 
 @dataclass
 class StoredMessage:
-    message_id: bytes  # 16 bytes: the apns-id
+    message_id: bytes  # 16 bytes: the apns-id; also the id on the wire
     device_id: str
     token: bytes
     topic: str
     topic_hash: bytes
     payload: bytes
-    expiry: int = 0  # UNIX seconds; 0 = deliver now or never
+    expiry: int = 0  # UNIX seconds; 0 = deliver now or never (kept only while unacked)
     priority: int = 10
     collapse_id: str | None = None
-    received: float = field(default=0.0)
+    received: float = 0.0
 
 
 class IMessageStore(Interface):
-    """Per-device queues of accepted, not yet acknowledged notifications."""
-
-    dropped = Attribute("How many messages the per-device cap has pushed out.")
+    """Per-(device, topic) queues of accepted, not yet acknowledged notifications."""
 
     def enqueue(message):
         """
-        Persist ``message`` (a StoredMessage). A pending message of the same device and
-        topic with the same collapse id is replaced. Fires when durable.
+        Persist ``message`` (a StoredMessage); fire once it is durable. The same message id
+        for the same device again replaces the earlier one (a provider's retry). A pending
+        message of the same device and topic with the same collapse id is replaced. Beyond
+        the per-(device, topic) cap the oldest is dropped and counted.
         """
 
     def pending(device_id, topic_hashes, limit, now):
         """
-        Fire with up to ``limit`` unexpired messages of the device, oldest first,
-        restricted to ``topic_hashes`` (a set of SHA-1 topic hashes).
+        Fire with up to ``limit`` messages of the device whose topic hash is in
+        ``topic_hashes`` and whose expiry is 0 or not before ``now``, in acceptance order.
         """
 
     def ack(device_id, message_id):
         """Delete one message; fire with True if it was there."""
 
     def expire(now):
-        """Purge messages whose expiry has passed; fire with how many."""
+        """Delete messages whose (non-zero) expiry is before ``now``; fire with how many."""
+
+    def counters():
+        """Fire with a dict: ``pending`` (messages stored) and ``dropped`` (by the cap)."""
 
     def close():
-        """Release resources; fire when done."""
+        """Release connections and threads; fire when done."""
+
+
+class ITokenRegistry(Interface):
+    """Tokens resolve without a lookup (pushd.gateway.tokens); this keeps their invalidation."""
+
+    def invalidate(token, when):
+        """Mark ``token`` (bytes) unregistered since ``when`` (UNIX seconds)."""
+
+    def invalidated(token):
+        """Fire with the invalidation time, or None if the token is valid."""
+
+
+class IPresence(Interface):
+    """Which gateway node holds which device's connection."""
+
+    def claim(device_id, node):
+        """Record that ``node`` holds the device; fire with the node that held it before, or None."""
+
+    def release(device_id, node):
+        """Forget the device's node, only if it is still ``node``."""
+
+    def where(device_id):
+        """Fire with the node holding the device, or None."""

@@ -1,67 +1,98 @@
 """
-The in-process store: bounded per-device queues in memory. Loses everything when the
-process ends; the durable providers (SQLite, Redis) implement the same interface.
+The in-process store: bounded queues in memory. Loses everything when the process ends; for
+tests and throwaway gateways. The durable providers implement the same interfaces.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import itertools
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from zope.interface import implementer
 
-from pushd.store.interfaces import IMessageStore
+from pushd.store.interfaces import IMessageStore, IPresence, ITokenRegistry
 
 
-@implementer(IMessageStore)
+@implementer(IMessageStore, ITokenRegistry, IPresence)
 class MemoryStore:
-    log = Logger()
-
-    def __init__(self, per_device: int = 1000):
-        self.per_device = per_device
+    def __init__(self, per_topic: int = 1000):
+        self.per_topic = per_topic
         self.dropped = 0
-        self._queues: dict = {}
+        self._seq = itertools.count()
+        self._devices: dict = {}  # device -> {message_id: (seq, message)}
+        self._invalid: dict = {}
+        self._presence: dict = {}
 
-    def enqueue(self, message):
-        q = self._queues.setdefault(message.device_id, OrderedDict())
-        if message.collapse_id is not None:
-            for mid, old in list(q.items()):
-                if old.topic_hash == message.topic_hash and old.collapse_id == message.collapse_id:
+    # --- messages ---------------------------------------------------------------
+
+    def enqueue(self, m):
+        q = self._devices.setdefault(m.device_id, {})
+        q.pop(m.message_id, None)
+        if m.collapse_id is not None:
+            for mid, (_, old) in list(q.items()):
+                if old.topic_hash == m.topic_hash and old.collapse_id == m.collapse_id:
                     del q[mid]
-        q[message.message_id] = message
-        while len(q) > self.per_device:
-            q.popitem(last=False)
+        q[m.message_id] = (next(self._seq), m)
+        same = [mid for mid, (_, old) in q.items() if old.topic_hash == m.topic_hash]
+        for mid in same[: max(0, len(same) - self.per_topic)]:
+            del q[mid]
             self.dropped += 1
-            self.log.warn("queue of {device} full: dropped its oldest message", device=message.device_id)
         return defer.succeed(None)
 
     def pending(self, device_id, topic_hashes, limit, now):
-        out = []
-        for m in self._queues.get(device_id, {}).values():
-            if len(out) >= limit:
-                break
-            if m.topic_hash in topic_hashes and (m.expiry == 0 or m.expiry >= now):
-                out.append(m)
-        return defer.succeed(out)
+        q = self._devices.get(device_id, {})
+        live = sorted(
+            (seq, m)
+            for seq, m in q.values()
+            if m.topic_hash in topic_hashes and (m.expiry == 0 or m.expiry >= now)
+        )
+        return defer.succeed([m for _, m in live[:limit]])
 
     def ack(self, device_id, message_id):
-        q = self._queues.get(device_id)
+        q = self._devices.get(device_id)
         found = q is not None and q.pop(message_id, None) is not None
         if q is not None and not q:
-            del self._queues[device_id]
+            del self._devices[device_id]
         return defer.succeed(found)
 
     def expire(self, now):
         n = 0
-        for device_id in list(self._queues):
-            q = self._queues[device_id]
-            for mid in [mid for mid, m in q.items() if m.expiry and m.expiry < now]:
+        for device_id in list(self._devices):
+            q = self._devices[device_id]
+            for mid in [mid for mid, (_, m) in q.items() if m.expiry and m.expiry < now]:
                 del q[mid]
                 n += 1
             if not q:
-                del self._queues[device_id]
+                del self._devices[device_id]
         return defer.succeed(n)
+
+    def counters(self):
+        pending = sum(len(q) for q in self._devices.values())
+        return defer.succeed({"pending": pending, "dropped": self.dropped})
 
     def close(self):
         return defer.succeed(None)
+
+    # --- tokens -------------------------------------------------------------------
+
+    def invalidate(self, token, when):
+        self._invalid[token] = when
+        return defer.succeed(None)
+
+    def invalidated(self, token):
+        return defer.succeed(self._invalid.get(token))
+
+    # --- presence ----------------------------------------------------------------
+
+    def claim(self, device_id, node):
+        before = self._presence.get(device_id)
+        self._presence[device_id] = node
+        return defer.succeed(before)
+
+    def release(self, device_id, node):
+        if self._presence.get(device_id) == node:
+            del self._presence[device_id]
+        return defer.succeed(None)
+
+    def where(self, device_id):
+        return defer.succeed(self._presence.get(device_id))

@@ -1,0 +1,67 @@
+"""The store contract, run against every provider."""
+
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from pushd.store.interfaces import StoreUnavailable
+from pushd.store.memory import MemoryStore
+from pushd.store.sqlite import SQLiteStore
+
+from .store_contract import DurableStoreContract, StoreContract, msg
+
+
+class MemoryStoreTests(StoreContract, unittest.TestCase):
+    def makeStore(self, per_topic):
+        return defer.succeed(MemoryStore(per_topic=per_topic))
+
+
+class SQLiteStoreTests(StoreContract, DurableStoreContract, unittest.TestCase):
+    def makeStore(self, per_topic):
+        self.path = Path(self.mktemp())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        store = SQLiteStore(self.path, per_topic=per_topic)
+        self.addCleanup(lambda: self.store.close())
+        return defer.succeed(store)
+
+    @defer.inlineCallbacks
+    def reopen(self, store):
+        yield store.close()
+        return SQLiteStore(self.path, per_topic=store.per_topic)
+
+    @defer.inlineCallbacks
+    def test_group_commit(self):
+        """Operations queued together commit together, and each gets its own answer."""
+        ds = [self.store.enqueue(msg(b"%d" % i)) for i in range(50)]
+        ds.append(self.store.ack("nobody", b"x"))
+        results = yield defer.gatherResults(ds)
+        self.assertEqual(results[-1], False)
+        c = yield self.store.counters()
+        self.assertEqual(c["pending"], self.per_topic)
+
+    @defer.inlineCallbacks
+    def test_one_failing_operation_does_not_undo_others(self):
+        bad = msg(b"bad")
+        bad.payload = None  # NOT NULL violation
+        d1 = self.store.enqueue(msg(b"good"))
+        d2 = self.store.enqueue(bad)
+        yield d1
+        yield self.assertFailure(d2, Exception)
+        c = yield self.store.counters()
+        self.assertEqual(c["pending"], 1)
+
+    def test_bounded_queue(self):
+        self.store.max_queue = 2
+        ds = [self.store.enqueue(msg()) for _ in range(3)]
+        self.failureResultOf(ds[2], StoreUnavailable)
+        return defer.gatherResults(ds[:2])
+
+    def test_bad_path_fails_loudly(self):
+        with self.assertRaisesRegex(StoreUnavailable, "cannot open SQLite store"):
+            SQLiteStore("/nonexistent/dir/pushd.sqlite3")
+
+    def test_closed_store_refuses(self):
+        d = self.store.close()
+        self.failureResultOf(self.store.enqueue(msg()), StoreUnavailable)
+        return d
