@@ -41,7 +41,7 @@ class Gateway:
     def __init__(self, **kw):
         self.clock = task.Clock()
         self.clock.advance(T0)
-        self.store = MemoryStore(per_device=kw.pop("per_device", 1000))
+        self.store = MemoryStore(per_topic=kw.pop("per_topic", 1000))
         self.tokens = TokenMinter(b"secret")
         self.router = Router(self.store, self.tokens, self.clock)
         self.factory = CourierFactory(self.router, CA_CERT, clock=self.clock, **kw)

@@ -58,7 +58,7 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     state = Path(options["state-dir"])
     pki = tls.load_or_create_pki(state, list(options["hostname"]))
-    store = MemoryStore(per_device=options["queue-size"])
+    store = MemoryStore(per_topic=options["queue-size"])
     router = Router(store, TokenMinter(tls.secret_file(state / "token.secret")), reactor)
 
     top = service.MultiService()
