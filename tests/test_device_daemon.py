@@ -134,3 +134,47 @@ class DaemonTests(unittest.TestCase):
         r = self.daemon.status()
         self.assertEqual(r["courier status"], "Connected")
         self.assertEqual(r["apps"][0]["persistent connection status"], "Waiting for push notifications")
+
+
+class BackpressureTests(unittest.TestCase):
+    """With its app away, a topic's pushes are held up to a bound; past it the device
+    declines them (the gateway keeps them) and filters the topic out until the app is back."""
+
+    def setUp(self):
+        from pushd.device.daemon import HELD_PER_TOPIC
+
+        self.limit = HELD_PER_TOPIC
+        dev = Device()
+        self.ident = Identity.create(Path(self.mktemp()), dev.key, dev.cert, tls.cert_pem(CA_CERT))
+        self.clock = task.Clock()
+        self.daemon = DeviceDaemon(self.ident, self.clock)
+        self.courier = Courier()
+        app = App()
+        self.daemon.register(TOPIC, app)
+        self.daemon.app_gone(app)
+        self.daemon.connected(self.courier, b"B" * 32)
+        self.daemon.tokenReceived(TH, b"S" * 32)
+        self.filters = lambda: [m.enabled for m in self.courier.sent if isinstance(m, wire.Filter)]
+
+    def test_full_queue_filters_out_and_declines(self):
+        self.assertEqual(self.filters(), [[TH]])
+        for i in range(self.limit):
+            self.assertEqual(self.daemon.notificationReceived(note(b"%d" % i, b"m%d" % i)), wire.STATUS_OK)
+        self.assertEqual(self.filters(), [[TH], []])
+        self.assertEqual(self.daemon.notificationReceived(note(b"late", b"late")), wire.STATUS_ERROR)
+        self.assertNotIn(b"late", self.daemon._seen, "a declined push is not a duplicate later")
+
+        back = App()
+        self.daemon.register(TOPIC, back)
+        self.assertEqual(self.filters(), [[TH], [], [TH]])
+        self.clock.advance(0)
+        n = 0
+        while back.calls:
+            back.calls.pop(0)[2].callback({})
+            n += 1
+        self.assertEqual(n, self.limit)
+        d = self.daemon.notificationReceived(note(b"late", b"late"))
+        (cmd, kw, answer), = back.calls
+        self.assertEqual(kw["payload"], b"late")
+        answer.callback({})
+        self.assertEqual(self.successResultOf(d), wire.STATUS_OK)

@@ -166,6 +166,20 @@ class SessionTests(unittest.TestCase):
         (again,) = frames_of(t2.value())
         self.assertEqual(again.message_id, n.message_id)
 
+    def test_declined_stays_stored_until_next_filter(self):
+        self.proto.dataReceived(wire.Filter(enabled=[TH]).encode())
+        self.push(b'{"n":1}')
+        self.push(b'{"n":2}')
+        first, second = self.sent()
+        self.proto.dataReceived(wire.NotificationAck(message_id=first.message_id, status=wire.STATUS_ERROR).encode())
+        self.assertEqual(self.sent(), [], "not offered again on this Filter")
+        pending = self.successResultOf(self.gw.store.pending(self.dev.id, {TH}, 10, 0))
+        self.assertEqual(len(pending), 2)
+        self.proto.dataReceived(wire.NotificationAck(message_id=second.message_id, status=0).encode())
+        self.proto.dataReceived(wire.Filter(enabled=[TH]).encode())
+        (again,) = self.sent()
+        self.assertEqual(again.message_id, first.message_id)
+
     def test_paused_transport_holds_back(self):
         self.proto.dataReceived(wire.Filter(enabled=[TH]).encode())
         self.proto.pauseProducing()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from io import BytesIO
 from pathlib import Path
 
 from cryptography import x509
@@ -19,6 +20,7 @@ from pushd.gateway.enrol import EnrolResource
 from pushd.gateway.provider import make_site
 from pushd.gateway.router import Router
 from pushd.gateway.tokens import TokenMinter
+from pushd.store.interfaces import StoreUnavailable
 from pushd.store.memory import MemoryStore
 
 TOPIC = "com.example.app"
@@ -54,8 +56,6 @@ class ProviderTests(ServerMixin, unittest.TestCase):
         h.update({k.replace("_", "-"): v for k, v in headers.items()})
         h = {k: v for k, v in h.items() if v is not None}
         path = path or f"/3/device/{self.token}"
-        from io import BytesIO
-
         producer = FileBodyProducer(BytesIO(body)) if body is not None else None
         resp = yield self.agent.request(
             method, (self.url + path).encode(), Headers({k: [v] for k, v in h.items()}), producer
@@ -130,6 +130,26 @@ class ProviderTests(ServerMixin, unittest.TestCase):
 
     def test_bad_push_type(self):
         return self.assertReason(400, "InvalidPushType", apns_push_type="shout")
+
+    @defer.inlineCallbacks
+    def test_unregistered_with_timestamp(self):
+        yield self.store.invalidate(bytes.fromhex(self.token), 1_700_000_000.5)
+        code, reason, _ = yield self.request()
+        self.assertEqual((code, reason), (410, "Unregistered"))
+        resp = yield self.agent.request(b"POST", f"{self.url}/3/device/{self.token}".encode(), Headers({
+            "authorization": [f"bearer {self.pki.provider_key}"], "apns-topic": [TOPIC]}),
+            FileBodyProducer(BytesIO(b"{}")))
+        body = json.loads((yield readBody(resp)))
+        self.assertEqual(body, {"reason": "Unregistered", "timestamp": 1_700_000_000_500})
+
+    @defer.inlineCallbacks
+    def test_store_down_is_503(self):
+        def down(message):
+            return defer.fail(StoreUnavailable("down for the test"))
+
+        self.store.enqueue = down
+        code, reason, _ = yield self.request()
+        self.assertEqual((code, reason), (503, "ServiceUnavailable"))
 
     def test_method_not_allowed(self):
         return self.assertReason(405, "MethodNotAllowed", method=b"GET", body=None)

@@ -41,14 +41,21 @@ class DeviceDaemon:
         self.last_ka_response = None
         self.received = 0
         self.duplicates = 0
+        self._filter_sent = None
 
     def _topics(self):
         return {wire.topic_hash(t): t for t in self.identity.apps}
+
+    def _accepting(self, topic) -> bool:
+        """A topic is enabled while its app is connected or its held queue has room; the
+        gateway keeps the rest, so nothing is dropped on the device."""
+        return topic in self.apps or len(self.held.get(topic, ())) < HELD_PER_TOPIC
 
     # --- courier events --------------------------------------------------------------
 
     def connected(self, proto, base_token):
         self.proto = proto
+        self._filter_sent = None
         self.connected_at = self.clock.seconds()
         if base_token != self.identity.base_token:
             self.identity.base_token = base_token
@@ -62,9 +69,13 @@ class DeviceDaemon:
         self.log.info("courier connection lost: {why}", why=reason.getErrorMessage())
 
     def _sync_topics(self):
+        """Send the Filter if the enabled set changed, and ask for missing tokens."""
         if self.proto is None:
             return
-        self.proto.send(wire.Filter(token=self.identity.base_token, enabled=sorted(self._topics())))
+        enabled = sorted(h for h, t in self._topics().items() if self._accepting(t))
+        if enabled != self._filter_sent:
+            self._filter_sent = enabled
+            self.proto.send(wire.Filter(token=self.identity.base_token, enabled=enabled))
         for topic in self.identity.apps:
             if topic not in self.identity.tokens:
                 self.proto.send(wire.ScopedToken(token=self.identity.base_token, topic=wire.topic_hash(topic)))
@@ -93,12 +104,16 @@ class DeviceDaemon:
         if topic is None:
             self.log.info("notification for a topic no app registered; acked and dropped")
             return wire.STATUS_OK
+        app = self.apps.get(topic)
+        if app is None and not self._accepting(topic):
+            # Declined: the gateway keeps it until the app is back.
+            return wire.STATUS_ERROR
         self._seen[msg.message_id] = True
         while len(self._seen) > SEEN_IDS:
             self._seen.popitem(last=False)
-        app = self.apps.get(topic)
         if app is None:
             self._hold(topic, msg.payload, msg.message_id)
+            self._sync_topics()
             return wire.STATUS_OK
         d = app.callRemote(cmds.Deliver, topic=topic, payload=msg.payload, message_id=msg.message_id)
 
@@ -111,7 +126,8 @@ class DeviceDaemon:
         return d
 
     def _hold(self, topic, payload, message_id):
-        q = self.held.setdefault(topic, deque(maxlen=HELD_PER_TOPIC))
+        # Past HELD_PER_TOPIC only when an app vanished mid-delivery; still bounded.
+        q = self.held.setdefault(topic, deque(maxlen=2 * HELD_PER_TOPIC))
         q.append((payload, message_id))
 
     # --- app events ---------------------------------------------------------------------
@@ -122,12 +138,12 @@ class DeviceDaemon:
         if topic not in self.identity.apps:
             self.identity.apps[topic] = {"created": self.clock.seconds()}
             self.identity.save()
-            self._sync_topics()
         old = self.apps.get(topic)
         if old is not None and old is not app:
             old.transport.loseConnection()
         self.apps[topic] = app
         app.topics.add(topic)
+        self._sync_topics()
         self.clock.callLater(0, self._flush_held, topic)
         token = self.identity.tokens.get(topic)
         if token is not None:
@@ -145,6 +161,7 @@ class DeviceDaemon:
         app = self.apps.get(topic)
         q = self.held.get(topic)
         if app is None or not q:
+            self._sync_topics()
             return
         payload, mid = q.popleft()
         d = app.callRemote(cmds.Deliver, topic=topic, payload=payload, message_id=mid)

@@ -32,6 +32,9 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
         self.base_token = None
         self.topics = frozenset()
         self.inflight: dict = {}
+        #: Message ids the device declined on this connection (its app is away and its
+        #: queue full); kept in the store, not offered again until the next Filter.
+        self.declined: set = set()
         self.paused = False
         self._pumping = False
         self._again = False
@@ -144,6 +147,7 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
 
     def handle_Filter(self, msg: wire.Filter):
         self.topics = frozenset(msg.enabled) | frozenset(msg.opportunistic)
+        self.declined.clear()
         self.wake()
 
     def handle_ScopedToken(self, msg: wire.ScopedToken):
@@ -157,9 +161,11 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
         if self.inflight.pop(msg.message_id, None) is None:
             self.log.debug("ack for unknown message from {device}", device=self.device_id)
             return
-        if msg.status not in (wire.STATUS_OK, None):
-            self.log.info("device {device} refused message (status {status})",
-                          device=self.device_id, status=msg.status)
+        if msg.status != wire.STATUS_OK:
+            # Not taken: it stays stored, and is offered again after the next Filter.
+            self.declined.add(msg.message_id)
+            self.wake()
+            return
         self.factory.delivered += 1
         self.factory.router.ack(self.device_id, msg.message_id).addErrback(
             lambda f: self.log.failure("ack failed", f)
@@ -215,12 +221,13 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
                 if room <= 0:
                     break
                 self._again = False
-                batch = yield f.router.pending(self.device_id, self.topics, room + len(self.inflight))
+                skip = len(self.inflight) + len(self.declined)
+                batch = yield f.router.pending(self.device_id, self.topics, room + skip)
                 sent = 0
                 for m in batch:
                     if self._closing or len(self.inflight) >= f.window:
                         break
-                    if m.message_id in self.inflight:
+                    if m.message_id in self.inflight or m.message_id in self.declined:
                         continue
                     self.inflight[m.message_id] = m
                     self.send(

@@ -71,7 +71,7 @@ class DeviceResource(resource.Resource):
             self.check(request)
             token, topic, fields = self.parse(request)
         except Rejected as e:
-            return _answer(request, e.status, apns_id, e.reason)
+            return _answer(request, e.status, apns_id, e.reason, **e.extra)
         d = self.router.accept(token, topic, apns_id=uuid.UUID(apns_id), **fields)
         d.addCallbacks(
             lambda _: _answer(request, 200, apns_id),
@@ -83,7 +83,7 @@ class DeviceResource(resource.Resource):
     def _failed(self, failure, request, apns_id):
         if failure.check(Rejected):
             e = failure.value
-            return _answer(request, e.status, apns_id, e.reason)
+            return _answer(request, e.status, apns_id, e.reason, **e.extra)
         self.log.failure("accepting {apns_id} failed", failure, apns_id=apns_id)
         return _answer(request, 500, apns_id, "InternalServerError")
 

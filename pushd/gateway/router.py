@@ -15,16 +15,17 @@ from zope.interface import Interface
 
 from pushd import wire
 from pushd.gateway.tokens import TokenError
-from pushd.store.interfaces import StoredMessage
+from pushd.store.interfaces import StoredMessage, StoreUnavailable
 
 
 class Rejected(Exception):
-    """A provider request refused with an APNs status and reason."""
+    """A provider request refused with an APNs status and reason (and extra JSON fields)."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, **extra):
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
+        self.extra = extra
 
 
 class ISession(Interface):
@@ -43,10 +44,11 @@ class ISession(Interface):
 class Router:
     log = Logger()
 
-    def __init__(self, store, tokens, clock=None):
+    def __init__(self, store, tokens, clock=None, node="local"):
         self.store = store
         self.tokens = tokens
         self._clock = clock
+        self.node = node
         self.sessions: dict = {}
         self.accepted = 0
         self.dropped_offline = 0
@@ -62,10 +64,15 @@ class Router:
         if old is not None and old is not session:
             self.log.info("device {device} reconnected: closing its old session", device=device_id)
             old.replaced()
+        self.store.claim(device_id, self.node).addErrback(self._presence_failed, device_id)
 
     def detach(self, device_id: str, session) -> None:
         if self.sessions.get(device_id) is session:
             del self.sessions[device_id]
+            self.store.release(device_id, self.node).addErrback(self._presence_failed, device_id)
+
+    def _presence_failed(self, failure, device_id):
+        self.log.warn("presence of {device} not recorded: {why}", device=device_id, why=failure.getErrorMessage())
 
     # --- the provider side ------------------------------------------------------
 
@@ -84,6 +91,13 @@ class Router:
             device_id, _ = self.tokens.resolve(token, topic)
         except TokenError as e:
             raise Rejected(400, e.reason)
+        try:
+            since = yield self.store.invalidated(token)
+        except StoreUnavailable as e:
+            self.log.warn("store unavailable: {why}", why=str(e))
+            raise Rejected(503, "ServiceUnavailable")
+        if since is not None:
+            raise Rejected(410, "Unregistered", timestamp=int(since * 1000))
         th = wire.topic_hash(topic)
         now = self.now()
         if expiry and expiry < now:
@@ -94,20 +108,23 @@ class Router:
             self.dropped_offline += 1
             self.log.debug("device {device} not reachable now; expiration 0 drops", device=device_id)
             return
-        yield self.store.enqueue(
-            StoredMessage(
-                message_id=apns_id.bytes,
-                device_id=device_id,
-                token=token,
-                topic=topic,
-                topic_hash=th,
-                payload=payload,
-                expiry=expiry,
-                priority=priority,
-                collapse_id=collapse_id,
-                received=now,
-            )
+        message = StoredMessage(
+            message_id=apns_id.bytes,
+            device_id=device_id,
+            token=token,
+            topic=topic,
+            topic_hash=th,
+            payload=payload,
+            expiry=expiry,
+            priority=priority,
+            collapse_id=collapse_id,
+            received=now,
         )
+        try:
+            yield self.store.enqueue(message)
+        except StoreUnavailable as e:
+            self.log.warn("store unavailable: {why}", why=str(e))
+            raise Rejected(503, "ServiceUnavailable")
         self.accepted += 1
         session = self.sessions.get(device_id)
         if session is not None:
