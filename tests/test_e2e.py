@@ -5,12 +5,8 @@ twistd pushd-device, pushctl listen as the app, pushctl send as the app server.
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import signal
-import tempfile
-from pathlib import Path
 
 from cryptography import x509
 from twisted.internet import defer, protocol, reactor, ssl
@@ -18,79 +14,8 @@ from twisted.trial import unittest
 
 from pushd import tls, wire
 
-from . import procs
+from .stack import Stack
 from .helpers import OTHER_CA_CERT, OTHER_CA_KEY, Device
-
-TOPIC = "com.example.e2e"
-
-
-class Stack:
-    """A gateway and a device daemon as processes, in a test's temp dir."""
-
-    def __init__(self, case: unittest.TestCase):
-        self.case = case
-        # Short: AF_UNIX paths are limited to 107 bytes.
-        self.dir = Path(tempfile.mkdtemp(prefix="pushd-e2e-"))
-        case.addCleanup(shutil.rmtree, self.dir, True)
-        self.gw_state = self.dir / "gateway"
-        self.dev_state = self.dir / "device"
-        self.courier_port = procs.free_port()
-        self.provider_port = procs.free_port()
-        self.gateway = self.device = None
-
-    def start_gateway(self):
-        self.gateway = procs.spawn(
-            "gateway",
-            procs.TWISTD + [
-                "pushd-gateway",
-                "--state-dir", str(self.gw_state),
-                "--courier", f"tls:{self.courier_port}:interface=127.0.0.1",
-                "--provider", f"tls:{self.provider_port}:interface=127.0.0.1",
-                "--keepalive", "5",
-            ],
-            self.dir,
-        )
-        self.case.addCleanup(self.gateway.stop)
-        return self.gateway.wait_for(r"Site \(TLS\) starting on")
-
-    def start_device(self):
-        self.device = procs.spawn(
-            "device",
-            procs.TWISTD + [
-                "pushd-device",
-                "--state-dir", str(self.dev_state),
-                "--transport", f"tls:127.0.0.1:{self.courier_port}",
-                "--tls-name", "localhost",
-                "--enrol-url", f"https://127.0.0.1:{self.provider_port}",
-                "--enrol-secret-file", str(self.gw_state / "enrol.secret"),
-                "--max-delay", "2",
-            ],
-            self.dir,
-        )
-        self.case.addCleanup(self.device.stop)
-        return self.device.wait_for(r"connected as device")
-
-    def listen(self, count):
-        app = procs.spawn(
-            "app",
-            procs.PUSHCTL + ["listen", "--socket", str(self.dev_state / "pushd.sock"), "-n", str(count), TOPIC],
-            self.dir,
-        )
-        self.case.addCleanup(app.stop)
-        return app
-
-    def send(self, token, payload, topic=TOPIC):
-        return procs.run(
-            procs.PUSHCTL + [
-                "send", "-g", f"127.0.0.1:{self.provider_port}", "-d", str(self.gw_state),
-                token, topic, json.dumps(payload),
-            ],
-            self.dir,
-        )
-
-    def status(self):
-        return procs.run(procs.PUSHCTL + ["status", "--socket", str(self.dev_state / "pushd.sock")], self.dir)
-
 
 class EndToEndTests(unittest.TestCase):
     timeout = 90

@@ -6,7 +6,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from . import procs
-from .test_e2e import Stack
+from .stack import Stack
 
 
 class PypushTests(unittest.TestCase):

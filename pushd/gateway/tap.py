@@ -18,7 +18,8 @@ from pushd.gateway.enrol import EnrolResource
 from pushd.gateway.provider import make_site
 from pushd.gateway.router import Router
 from pushd.gateway.tokens import TokenMinter
-from pushd.store.memory import MemoryStore
+from pushd.store import open_store
+from pushd.store.interfaces import StoreUnavailable
 
 log = Logger()
 
@@ -31,7 +32,9 @@ class Options(config.Options):
         ["state-dir", "d", "var/gateway", "Directory for the CA, keys and secrets (created on first start)."],
         ["keepalive", None, 60, "Keepalive interval (s) devices are asked to keep.", config.positive(int)],
         ["grace", None, 3.0, "A connection silent for keepalive x grace seconds is closed.", config.positive(float)],
-        ["queue-size", None, 1000, "Pending notifications kept per device; the oldest is dropped beyond.", config.positive(int)],
+        ["store", None, "sqlite", "Where accepted notifications wait: sqlite, sqlite:PATH, redis://HOST:PORT/DB or memory."],
+        ["sqlite-synchronous", None, "full", "SQLite fsync policy: full (survives power loss) or normal (survives a crash)."],
+        ["queue-size", None, 1000, "Pending notifications kept per device and topic; the oldest is dropped beyond.", config.positive(int)],
         ["window", None, 64, "Notifications in flight (unacked) per connection.", config.positive(int)],
     ]
     multi = {
@@ -53,15 +56,38 @@ class Options(config.Options):
         self["hostname"].append(name)
 
 
+class StoreService(service.Service):
+    """Closes the store last, after the listeners stopped feeding it."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def stopService(self):
+        super().stopService()
+        return self.store.close()
+
+
+def _expire(store, router):
+    def done(n):
+        if n:
+            log.info("purged {n} expired notifications", n=n)
+
+    return store.expire(router.now()).addCallbacks(done, lambda f: log.warn("expiry sweep failed: {why}", why=f.getErrorMessage()))
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     state = Path(options["state-dir"])
     pki = tls.load_or_create_pki(state, list(options["hostname"]))
-    store = MemoryStore(per_topic=options["queue-size"])
+    try:
+        store = open_store(options["store"], state, options["queue-size"], reactor, options["sqlite-synchronous"])
+    except (ValueError, StoreUnavailable) as e:
+        raise usage.UsageError(str(e))
     router = Router(store, TokenMinter(tls.secret_file(state / "token.secret")), reactor)
 
     top = service.MultiService()
+    StoreService(store).setServiceParent(top)
     courier = CourierFactory(
         router,
         pki.ca_cert,
@@ -78,12 +104,13 @@ def makeService(options, reactor=None):
             listener(reactor, desc, site, pki.server_options(tls.PROVIDER_ALPN)).setServiceParent(top)
     except BadListener as e:
         raise usage.UsageError(str(e))
-    expiry = internet.TimerService(60, lambda: store.expire(router.now()))
+    expiry = internet.TimerService(60, _expire, store, router)
     expiry.clock = reactor
     expiry.setServiceParent(top)
     log.info(
-        "gateway state in {state}; CA {ca}; provider key in {key}",
+        "gateway state in {state}; store {store}; CA {ca}; provider key in {key}",
         state=str(state.resolve()),
+        store=options["store"],
         ca=str(pki.ca_path.resolve()),
         key=str((state / "provider.key").resolve()),
     )

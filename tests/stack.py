@@ -1,0 +1,89 @@
+"""A gateway and device daemons as real processes, in a short temp dir of a test's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from . import procs
+
+TOPIC = "com.example.e2e"
+
+
+class Stack:
+    def __init__(self, case: unittest.TestCase, *gateway_args: str):
+        self.case = case
+        # Short: AF_UNIX paths are limited to 107 bytes.
+        self.dir = Path(tempfile.mkdtemp(prefix="pushd-e2e-"))
+        case.addCleanup(shutil.rmtree, self.dir, True)
+        self.gw_state = self.dir / "gateway"
+        self.dev_state = self.state("device")
+        self.courier_port = procs.free_port()
+        self.provider_port = procs.free_port()
+        self.gateway_args = list(gateway_args)
+        self.gateway = self.device = None
+        self.devices: dict = {}
+
+    def state(self, name: str) -> Path:
+        return self.dir / name
+
+    def start_gateway(self):
+        self.gateway = procs.spawn(
+            "gateway",
+            procs.TWISTD + [
+                "pushd-gateway",
+                "--state-dir", str(self.gw_state),
+                "--courier", f"tls:{self.courier_port}:interface=127.0.0.1",
+                "--provider", f"tls:{self.provider_port}:interface=127.0.0.1",
+                "--keepalive", "5",
+                *self.gateway_args,
+            ],
+            self.dir,
+        )
+        self.case.addCleanup(self.gateway.stop)
+        return self.gateway.wait_for(r"Site \(TLS\) starting on")
+
+    def start_device(self, name="device"):
+        """Start (or restart) a device daemon; fire when it is connected."""
+        p = procs.spawn(
+            name,
+            procs.TWISTD + [
+                "pushd-device",
+                "--state-dir", str(self.state(name)),
+                "--transport", f"tls:127.0.0.1:{self.courier_port}",
+                "--tls-name", "localhost",
+                "--enrol-url", f"https://127.0.0.1:{self.provider_port}",
+                "--enrol-secret-file", str(self.gw_state / "enrol.secret"),
+                "--max-delay", "2",
+            ],
+            self.dir,
+        )
+        self.devices[name] = p
+        if name == "device":
+            self.device = p
+        self.case.addCleanup(p.stop)
+        return p.wait_for(r"connected as device")
+
+    def listen(self, count=None, device="device", topic=TOPIC):
+        argv = procs.PUSHCTL + ["listen", "--socket", str(self.state(device) / "pushd.sock")]
+        if count is not None:
+            argv += ["-n", str(count)]
+        app = procs.spawn(f"app@{device}", argv + [topic], self.dir)
+        self.case.addCleanup(app.stop)
+        return app
+
+    def send(self, token, payload, topic=TOPIC):
+        return procs.run(
+            procs.PUSHCTL + [
+                "send", "-g", f"127.0.0.1:{self.provider_port}", "-d", str(self.gw_state),
+                token, topic, json.dumps(payload),
+            ],
+            self.dir,
+        )
+
+    def status(self, device="device"):
+        return procs.run(procs.PUSHCTL + ["status", "--socket", str(self.state(device) / "pushd.sock")], self.dir)
