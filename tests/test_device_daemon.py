@@ -76,15 +76,18 @@ class DaemonTests(unittest.TestCase):
         d = DeviceDaemon(again, self.clock).register(TOPIC, App())
         self.assertEqual(self.successResultOf(d), b"S" * 32)
 
-    def test_push_acked_after_app_acks(self):
+    def test_queued_push_is_acked_and_delivered_one_at_a_time_in_order(self):
         app = App()
         self.daemon.register(TOPIC, app)
-        d = self.daemon.notificationReceived(note(b"{}", b"m1"))
+        self.assertEqual(self.daemon.notificationReceived(note(b"1", b"m1")), wire.STATUS_OK)
+        self.assertEqual(self.daemon.notificationReceived(note(b"2", b"m2")), wire.STATUS_OK)
         (cmd, kw, answer), = app.calls
-        self.assertEqual((cmd, kw["payload"], kw["message_id"]), (cmds.Deliver, b"{}", b"m1"))
-        self.assertNoResult(d)
+        self.assertEqual((cmd, kw["payload"], kw["message_id"]), (cmds.Deliver, b"1", b"m1"))
         answer.callback({})
-        self.assertEqual(self.successResultOf(d), wire.STATUS_OK)
+        (cmd, kw, answer), = app.calls[1:]
+        self.assertEqual(kw["payload"], b"2")
+        answer.callback({})
+        self.assertEqual(len(self.daemon.held[TOPIC]), 0)
 
     def test_duplicates_dropped(self):
         app = App()
@@ -112,13 +115,18 @@ class DaemonTests(unittest.TestCase):
         self.assertEqual(got, [b"0", b"1", b"2"])
         self.assertEqual(len(self.daemon.held[TOPIC]), 0)
 
-    def test_app_failure_holds(self):
+    def test_app_failure_keeps_push_at_head(self):
         app = App()
         self.daemon.register(TOPIC, app)
-        d = self.daemon.notificationReceived(note(b"x", b"m1"))
+        self.daemon.notificationReceived(note(b"x", b"m1"))
+        self.daemon.notificationReceived(note(b"y", b"m2"))
+        self.daemon.app_gone(app)
         app.calls[0][2].errback(RuntimeError("gone"))
-        self.assertEqual(self.successResultOf(d), wire.STATUS_OK)
-        self.assertEqual(list(self.daemon.held[TOPIC]), [(b"x", b"m1")])
+        self.assertEqual(list(self.daemon.held[TOPIC]), [(b"x", b"m1"), (b"y", b"m2")])
+        back = App()
+        self.daemon.register(TOPIC, back)
+        self.clock.advance(0)
+        self.assertEqual(back.calls[0][1]["payload"], b"x")
 
     def test_bad_topic(self):
         self.assertRaises(ValueError, self.daemon.register, "", App())
@@ -166,15 +174,16 @@ class BackpressureTests(unittest.TestCase):
 
         back = App()
         self.daemon.register(TOPIC, back)
-        self.assertEqual(self.filters(), [[TH], [], [TH]])
         self.clock.advance(0)
-        n = 0
+        got = []
         while back.calls:
-            back.calls.pop(0)[2].callback({})
-            n += 1
-        self.assertEqual(n, self.limit)
-        d = self.daemon.notificationReceived(note(b"late", b"late"))
-        (cmd, kw, answer), = back.calls
-        self.assertEqual(kw["payload"], b"late")
-        answer.callback({})
-        self.assertEqual(self.successResultOf(d), wire.STATUS_OK)
+            cmd, kw, d = back.calls.pop(0)
+            got.append(kw["payload"])
+            if len(got) == self.limit // 2 - 1:
+                self.assertEqual(self.filters(), [[TH], []], "still full above half")
+            d.callback({})
+            if len(got) == self.limit // 2:
+                self.assertEqual(self.filters(), [[TH], [], [TH]], "enabled again at half")
+        self.assertEqual(got, [b"%d" % i for i in range(self.limit)])
+        self.assertEqual(self.daemon.notificationReceived(note(b"late", b"late")), wire.STATUS_OK)
+        self.assertEqual(back.calls[0][1]["payload"], b"late")

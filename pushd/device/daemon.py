@@ -24,6 +24,14 @@ SEEN_IDS = 4096
 
 @implementer(ICourierListener)
 class DeviceDaemon:
+    """
+    Each topic has one ordered queue between the courier and its app. A push is acked to
+    the gateway once it is in that queue; the queue drains to the app in order, one
+    Deliver at a time. A queue that reaches HELD_PER_TOPIC (its app away or slow) takes its
+    topic out of the Filter, and pushes still arriving for it are declined: they stay in
+    the gateway's store. The topic is enabled again when the queue is down to half.
+    """
+
     log = Logger()
 
     def __init__(self, identity, clock):
@@ -32,7 +40,9 @@ class DeviceDaemon:
         self.factory = None  # the CourierClientFactory, set by the service
         self.proto = None
         self.apps: dict = {}  # topic -> AppProtocol
-        self.held: dict = {}  # topic -> deque of (payload, message id), app not running
+        self.held: dict = {}  # topic -> deque of (payload, message id), oldest first
+        self._full: set = set()  # topics filtered out until their queue drains to half
+        self._draining: set = set()  # topics with a Deliver outstanding
         self._seen: OrderedDict = OrderedDict()
         self._token_waiters: dict = {}  # topic -> [Deferred]
         self.started = clock.seconds()
@@ -45,11 +55,6 @@ class DeviceDaemon:
 
     def _topics(self):
         return {wire.topic_hash(t): t for t in self.identity.apps}
-
-    def _accepting(self, topic) -> bool:
-        """A topic is enabled while its app is connected or its held queue has room; the
-        gateway keeps the rest, so nothing is dropped on the device."""
-        return topic in self.apps or len(self.held.get(topic, ())) < HELD_PER_TOPIC
 
     # --- courier events --------------------------------------------------------------
 
@@ -72,7 +77,7 @@ class DeviceDaemon:
         """Send the Filter if the enabled set changed, and ask for missing tokens."""
         if self.proto is None:
             return
-        enabled = sorted(h for h, t in self._topics().items() if self._accepting(t))
+        enabled = sorted(h for h, t in self._topics().items() if t not in self._full)
         if enabled != self._filter_sent:
             self._filter_sent = enabled
             self.proto.send(wire.Filter(token=self.identity.base_token, enabled=enabled))
@@ -104,31 +109,43 @@ class DeviceDaemon:
         if topic is None:
             self.log.info("notification for a topic no app registered; acked and dropped")
             return wire.STATUS_OK
-        app = self.apps.get(topic)
-        if app is None and not self._accepting(topic):
-            # Declined: the gateway keeps it until the app is back.
+        q = self.held.setdefault(topic, deque())
+        if len(q) >= HELD_PER_TOPIC:
+            # Declined: the gateway keeps it and offers it again after our next Filter.
             return wire.STATUS_ERROR
         self._seen[msg.message_id] = True
         while len(self._seen) > SEEN_IDS:
             self._seen.popitem(last=False)
-        if app is None:
-            self._hold(topic, msg.payload, msg.message_id)
+        q.append((msg.payload, msg.message_id))
+        if len(q) >= HELD_PER_TOPIC:
+            self._full.add(topic)
             self._sync_topics()
-            return wire.STATUS_OK
-        d = app.callRemote(cmds.Deliver, topic=topic, payload=msg.payload, message_id=msg.message_id)
+        self._drain(topic)
+        return wire.STATUS_OK
 
-        def app_failed(f):
+    def _drain(self, topic):
+        """Hand the oldest queued push to the app, then the next, in order."""
+        app = self.apps.get(topic)
+        q = self.held.get(topic)
+        if app is None or not q or topic in self._draining:
+            return
+        self._draining.add(topic)
+        payload, mid = q[0]
+        d = app.callRemote(cmds.Deliver, topic=topic, payload=payload, message_id=mid)
+
+        def delivered(_):
+            self._draining.discard(topic)
+            q.popleft()
+            if topic in self._full and len(q) <= HELD_PER_TOPIC // 2:
+                self._full.discard(topic)
+                self._sync_topics()
+            self._drain(topic)
+
+        def failed(f):
+            self._draining.discard(topic)
             self.log.info("app for {topic} did not take a push: {why}", topic=topic, why=f.getErrorMessage())
-            self._hold(topic, msg.payload, msg.message_id)
 
-        d.addErrback(app_failed)
-        d.addCallback(lambda _: wire.STATUS_OK)
-        return d
-
-    def _hold(self, topic, payload, message_id):
-        # Past HELD_PER_TOPIC only when an app vanished mid-delivery; still bounded.
-        q = self.held.setdefault(topic, deque(maxlen=2 * HELD_PER_TOPIC))
-        q.append((payload, message_id))
+        d.addCallbacks(delivered, failed)
 
     # --- app events ---------------------------------------------------------------------
 
@@ -138,13 +155,13 @@ class DeviceDaemon:
         if topic not in self.identity.apps:
             self.identity.apps[topic] = {"created": self.clock.seconds()}
             self.identity.save()
+            self._sync_topics()
         old = self.apps.get(topic)
         if old is not None and old is not app:
             old.transport.loseConnection()
         self.apps[topic] = app
         app.topics.add(topic)
-        self._sync_topics()
-        self.clock.callLater(0, self._flush_held, topic)
+        self.clock.callLater(0, self._drain, topic)
         token = self.identity.tokens.get(topic)
         if token is not None:
             return defer.succeed(token)
@@ -156,20 +173,6 @@ class DeviceDaemon:
         for topic in app.topics:
             if self.apps.get(topic) is app:
                 del self.apps[topic]
-
-    def _flush_held(self, topic):
-        app = self.apps.get(topic)
-        q = self.held.get(topic)
-        if app is None or not q:
-            self._sync_topics()
-            return
-        payload, mid = q.popleft()
-        d = app.callRemote(cmds.Deliver, topic=topic, payload=payload, message_id=mid)
-
-        def failed(f):
-            q.appendleft((payload, mid))
-
-        d.addCallbacks(lambda _: self._flush_held(topic), failed)
 
     # --- the report -------------------------------------------------------------------------
 
