@@ -20,6 +20,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
+from .redis_server import RedisServer
 from .stack import TOPIC, Stack
 
 DEVICES = 3
@@ -74,6 +75,7 @@ class Provider:
                 pass
             self.failures += 1
             yield self.up()
+            yield task.deferLater(reactor, 0.05, lambda: None)  # a provider's pause before a retry
         self.gave_up.add(payload["id"])
 
 
@@ -84,8 +86,9 @@ class CrashTestMixin:
     def startBackend(self):
         return defer.succeed(None)
 
-    def backendChaos(self, stack, provider):
-        """Extra faults while sending (Redis restarts); returns a Deferred."""
+    def backendChaos(self, provider, outage):
+        """Extra faults while sending (a Redis crash); fire when recovered. ``outage()``
+        returns a Deferred to fire once the fault is over (retries wait for it)."""
         return defer.succeed(None)
 
     @defer.inlineCallbacks
@@ -104,8 +107,15 @@ class CrashTestMixin:
             yield app.stop()
             yield s.devices[name].stop()
 
-        gateway_ready = [defer.succeed(None)]
-        provider = Provider(s, lambda: gateway_ready[0])
+        outages = []
+
+        def outage():
+            d = defer.Deferred()
+            outages.append(d)
+            d.addBoth(lambda r: outages.remove(d) or r)
+            return d
+
+        provider = Provider(s, lambda: defer.gatherResults(list(outages)))
         self.addCleanup(provider.pool.closeCachedConnections)
 
         # SIGKILL the gateway once a random share of the sends has been accepted.
@@ -114,11 +124,11 @@ class CrashTestMixin:
         restarted = defer.Deferred()
 
         def maybe_kill():
-            if len(provider.accepted) == kill_at and gateway_ready[0].called:
-                gateway_ready[0] = defer.Deferred()
+            if len(provider.accepted) == kill_at and not restarted.called:
+                back = outage()
                 d = s.gateway.signal(signal.SIGKILL)
                 d.addCallback(lambda _: s.start_gateway())
-                d.addCallback(lambda _: gateway_ready[0].callback(None))
+                d.addCallback(back.callback)
                 d.chainDeferred(restarted)
 
         provider.on_accept.append(maybe_kill)
@@ -132,7 +142,7 @@ class CrashTestMixin:
         for n in range(PER_DEVICE - EXPIRING):
             for name in names:
                 sends.append(sem.run(provider.send, tokens[name], {"id": f"{name}/{n}"}))
-        chaos = self.backendChaos(s, provider)
+        chaos = self.backendChaos(provider, outage)
         yield defer.gatherResults(sends)
         yield restarted
         yield chaos
@@ -161,7 +171,9 @@ class CrashTestMixin:
         expired_sent = {f"{name}/x{n}" for name in names for n in range(EXPIRING)}
         summary = (
             f"{self.__class__.__name__}: sent {total} (+{DEVICES} markers) to {DEVICES} offline devices, "
-            f"gateway SIGKILLed after {kill_at} accepted; {provider.attempts} requests, "
+            f"gateway SIGKILLed after {kill_at} accepted"
+            + (f", Redis SIGKILLed after {self.redis_killed_at}" if hasattr(self, "redis_killed_at") else "")
+            + f"; {provider.attempts} requests, "
             f"{provider.failures} failed or 503 and retried, {len(accepted)} accepted (200), "
             f"{len(provider.gave_up)} given up; delivered {len(delivered)} "
             f"({len(delivered) - len(got)} duplicates), accepted but missing {len(accepted - expired_sent - got)}, "
@@ -184,3 +196,30 @@ class CrashTestMixin:
 
 class SQLiteCrashTests(CrashTestMixin, unittest.TestCase):
     gateway_args = ("--store", "sqlite")
+
+
+class RedisCrashTests(CrashTestMixin, unittest.TestCase):
+    """The same with the Redis store, and Redis itself SIGKILLed and restarted mid-send."""
+
+    @defer.inlineCallbacks
+    def startBackend(self):
+        self.redis = RedisServer(self)
+        yield self.redis.start()
+        self.gateway_args = ("--store", self.redis.url)
+
+    def backendChaos(self, provider, outage):
+        total = DEVICES * PER_DEVICE
+        kill_at = random.randint(total // 2, total * 4 // 5)
+        recovered = defer.Deferred()
+
+        def maybe_kill():
+            if len(provider.accepted) == kill_at and not recovered.called:
+                back = outage()
+                self.redis_killed_at = kill_at
+                d = self.redis.kill()
+                d.addCallback(lambda _: self.redis.start())
+                d.addCallback(back.callback)
+                d.chainDeferred(recovered)
+
+        provider.on_accept.append(maybe_kill)
+        return recovered
