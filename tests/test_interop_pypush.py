@@ -31,6 +31,7 @@ class PypushTests(unittest.TestCase):
         self.assertEqual(out.count("provider status 200"), 2, out)
         self.assertRegex(out, r'received \{"n": 0\} id [0-9a-f]{32}')
         self.assertRegex(out, r'received \{"n": 1\} id [0-9a-f]{32}')
+        self.assertIn("keepalive answered", out)
         self.assertIn("done", out)
         # Both acks reached the gateway: nothing was left in flight when pypush hung up.
         m = yield s.gateway.wait_for(r"disconnected \((\d+) unacked kept\)")

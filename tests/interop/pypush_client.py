@@ -13,7 +13,7 @@ import ssl
 import sys
 from pathlib import Path
 
-from pypush.apns import lifecycle, transport
+from pypush.apns import filters, lifecycle, protocol, transport
 
 from pushd.device.identity import enrol
 
@@ -48,6 +48,11 @@ async def main(courier_port, provider_port, state, workdir):
                 msg = await asyncio.wait_for(stream.receive(), 10)
                 await conn.ack(msg)
                 print("received", msg.payload.decode(), "id", msg.id.hex(), flush=True)
+        # A keepalive round trip, as pypush's own ping task does it (no backlog replay): the
+        # gateway handles frames in order, so its answer proves it took the acks first.
+        await conn._send(protocol.KeepAliveCommand())
+        await asyncio.wait_for(conn._receive(filters.cmd(protocol.KeepAliveAck), backlog=False), 10)
+        print("keepalive answered", flush=True)
     print("done", flush=True)
 
 
