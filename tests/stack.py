@@ -39,7 +39,6 @@ class Stack:
                 "--state-dir", str(self.gw_state),
                 "--courier", f"tls:{self.courier_port}:interface=127.0.0.1",
                 "--provider", f"tls:{self.provider_port}:interface=127.0.0.1",
-                "--keepalive", "5",
                 *self.gateway_args,
             ],
             self.dir,

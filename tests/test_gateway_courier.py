@@ -156,6 +156,23 @@ class SessionTests(unittest.TestCase):
         pending = self.successResultOf(self.gw.store.pending(self.dev.id, {TH}, 100, 0))
         self.assertEqual(len(pending), 4)
 
+    def test_acked_message_not_resent_while_its_delete_is_pending(self):
+        """The store deletes asynchronously; until it has, the message must not look pending."""
+        from twisted.internet import defer
+
+        gate = defer.Deferred()
+        real_ack = self.gw.store.ack
+        self.gw.store.ack = lambda device, mid: gate.addCallback(lambda _: real_ack(device, mid))
+        self.proto.dataReceived(wire.Filter(enabled=[TH]).encode())
+        self.push(b'{"n":1}')
+        (first,) = self.sent()
+        self.proto.dataReceived(wire.NotificationAck(message_id=first.message_id, status=0).encode())
+        self.push(b'{"n":2}')
+        self.assertEqual([n.payload for n in self.sent()], [b'{"n":2}'])
+        gate.callback(None)
+        self.assertEqual(self.sent(), [])
+        self.assertNotIn(first.message_id, self.proto.inflight)
+
     def test_unacked_resent_on_reconnect(self):
         self.proto.dataReceived(wire.Filter(enabled=[TH]).encode())
         self.push()

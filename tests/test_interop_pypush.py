@@ -25,7 +25,8 @@ class PypushTests(unittest.TestCase):
         self.addCleanup(client.stop)
         code = yield client.ended
         out = "\n".join(client.lines)
-        self.assertEqual(code, 0, out + "\n" + s.gateway.log())
+        if code != 0 or out.count("received") != 2:
+            self.fail(f"pypush:\n{out}\n{s.gateway.log()}")
         self.assertRegex(out, r"base token [0-9a-f]{64}")
         self.assertRegex(out, r"scoped token [0-9a-f]{64}")
         self.assertEqual(out.count("provider status 200"), 2, out)
@@ -35,4 +36,4 @@ class PypushTests(unittest.TestCase):
         self.assertIn("done", out)
         # Both acks reached the gateway: nothing was left in flight when pypush hung up.
         m = yield s.gateway.wait_for(r"disconnected \((\d+) unacked kept\)")
-        self.assertEqual(m.group(1), "0")
+        self.assertEqual(m.group(1), "0", f"pypush:\n{out}\n{s.gateway.log()}")

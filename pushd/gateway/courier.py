@@ -35,6 +35,7 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
         #: Message ids the device declined on this connection (its app is away and its
         #: queue full); kept in the store, not offered again until the next Filter.
         self.declined: set = set()
+        self._acking: set = set()
         self.paused = False
         self._pumping = False
         self._again = False
@@ -158,19 +159,29 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
         self.send(wire.ScopedTokenAck(status=wire.STATUS_OK, scoped_token=token, topic=msg.topic))
 
     def handle_NotificationAck(self, msg: wire.NotificationAck):
-        if self.inflight.pop(msg.message_id, None) is None:
+        mid = msg.message_id
+        if mid not in self.inflight or mid in self._acking:
             self.log.debug("ack for unknown message from {device}", device=self.device_id)
             return
         if msg.status != wire.STATUS_OK:
             # Not taken: it stays stored, and is offered again after the next Filter.
-            self.declined.add(msg.message_id)
+            del self.inflight[mid]
+            self.declined.add(mid)
             self.wake()
             return
         self.factory.delivered += 1
-        self.factory.router.ack(self.device_id, msg.message_id).addErrback(
-            lambda f: self.log.failure("ack failed", f)
-        )
-        self.wake()
+        # It stays in flight until the store has deleted it: a pump in between would
+        # read it as pending and send it again.
+        self._acking.add(mid)
+
+        def deleted(result):
+            self._acking.discard(mid)
+            self.inflight.pop(mid, None)
+            self.wake()
+
+        self.factory.router.ack(self.device_id, mid).addErrback(
+            lambda f: self.log.failure("deleting acked message failed", f)
+        ).addBoth(deleted)
 
     def handle_Notification(self, msg: wire.Notification):
         # Device-to-server notifications are not a pushd service.

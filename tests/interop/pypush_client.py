@@ -9,6 +9,7 @@ provider API. Run as a process by tests/test_interop_pypush.py; prints one line 
 import asyncio
 import http.client
 import json
+import logging
 import ssl
 import sys
 from pathlib import Path
@@ -57,5 +58,6 @@ async def main(courier_port, provider_port, state, workdir):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="pypush %(levelname)s %(message)s")
     c, p, state, work = sys.argv[1:5]
     asyncio.run(main(int(c), int(p), Path(state), Path(work)))
