@@ -145,13 +145,14 @@ class DaemonTests(unittest.TestCase):
 
 
 class BackpressureTests(unittest.TestCase):
-    """With its app away, a topic's pushes are held up to a bound; past it the device
-    declines them (the gateway keeps them) and filters the topic out until the app is back."""
+    """With its app away, a topic's pushes are queued up to a bound, then the topic is
+    filtered out (the gateway keeps the rest) until the app has drained the queue to half."""
 
     def setUp(self):
-        from pushd.device.daemon import HELD_PER_TOPIC
+        from pushd.device.daemon import HARD_LIMIT, HELD_PER_TOPIC
 
         self.limit = HELD_PER_TOPIC
+        self.hard = HARD_LIMIT
         dev = Device()
         self.ident = Identity.create(Path(self.mktemp()), dev.key, dev.cert, tls.cert_pem(CA_CERT))
         self.clock = task.Clock()
@@ -164,13 +165,14 @@ class BackpressureTests(unittest.TestCase):
         self.daemon.tokenReceived(TH, b"S" * 32)
         self.filters = lambda: [m.enabled for m in self.courier.sent if isinstance(m, wire.Filter)]
 
-    def test_full_queue_filters_out_and_declines(self):
+    def test_full_queue_filters_out_and_keeps_order(self):
         self.assertEqual(self.filters(), [[TH]])
         for i in range(self.limit):
             self.assertEqual(self.daemon.notificationReceived(note(b"%d" % i, b"m%d" % i)), wire.STATUS_OK)
         self.assertEqual(self.filters(), [[TH], []])
-        self.assertEqual(self.daemon.notificationReceived(note(b"late", b"late")), wire.STATUS_ERROR)
-        self.assertNotIn(b"late", self.daemon._seen, "a declined push is not a duplicate later")
+        # What the gateway had in flight before it saw the Filter is still taken, in order.
+        for i in range(self.limit, self.limit + 10):
+            self.assertEqual(self.daemon.notificationReceived(note(b"%d" % i, b"m%d" % i)), wire.STATUS_OK)
 
         back = App()
         self.daemon.register(TOPIC, back)
@@ -179,11 +181,15 @@ class BackpressureTests(unittest.TestCase):
         while back.calls:
             cmd, kw, d = back.calls.pop(0)
             got.append(kw["payload"])
-            if len(got) == self.limit // 2 - 1:
-                self.assertEqual(self.filters(), [[TH], []], "still full above half")
             d.callback({})
-            if len(got) == self.limit // 2:
+            if len(q := self.daemon.held[TOPIC]) == self.limit // 2 + 1:
+                self.assertEqual(self.filters(), [[TH], []], "still filtered out above half")
+            if len(q) == self.limit // 2:
                 self.assertEqual(self.filters(), [[TH], [], [TH]], "enabled again at half")
-        self.assertEqual(got, [b"%d" % i for i in range(self.limit)])
-        self.assertEqual(self.daemon.notificationReceived(note(b"late", b"late")), wire.STATUS_OK)
-        self.assertEqual(back.calls[0][1]["payload"], b"late")
+        self.assertEqual(got, [b"%d" % i for i in range(self.limit + 10)])
+
+    def test_gateway_ignoring_the_filter_is_declined(self):
+        for i in range(self.hard):
+            self.daemon.notificationReceived(note(b"%d" % i, b"m%d" % i))
+        self.assertEqual(self.daemon.notificationReceived(note(b"over", b"over")), wire.STATUS_ERROR)
+        self.assertNotIn(b"over", self.daemon._seen, "a declined push is not a duplicate later")

@@ -19,6 +19,8 @@ from pushd.device.courier import ICourierListener
 
 MAX_TOPIC = 255
 HELD_PER_TOPIC = 100
+#: Past this a topic's pushes are declined (see DeviceDaemon); above any gateway's window.
+HARD_LIMIT = 4 * HELD_PER_TOPIC
 SEEN_IDS = 4096
 
 
@@ -28,8 +30,10 @@ class DeviceDaemon:
     Each topic has one ordered queue between the courier and its app. A push is acked to
     the gateway once it is in that queue; the queue drains to the app in order, one
     Deliver at a time. A queue that reaches HELD_PER_TOPIC (its app away or slow) takes its
-    topic out of the Filter, and pushes still arriving for it are declined: they stay in
-    the gateway's store. The topic is enabled again when the queue is down to half.
+    topic out of the Filter; the gateway then sends no more of it, so the queue holds at most
+    that plus what was in flight (the gateway's window). It is enabled again at half.
+    Declining (a non-zero ack: the gateway keeps the push) is the guard against a gateway
+    that ignores the Filter; it is never needed with pushd's, and would break order.
     """
 
     log = Logger()
@@ -110,7 +114,7 @@ class DeviceDaemon:
             self.log.info("notification for a topic no app registered; acked and dropped")
             return wire.STATUS_OK
         q = self.held.setdefault(topic, deque())
-        if len(q) >= HELD_PER_TOPIC:
+        if len(q) >= HARD_LIMIT:
             # Declined: the gateway keeps it and offers it again after our next Filter.
             return wire.STATUS_ERROR
         self._seen[msg.message_id] = True
