@@ -58,7 +58,7 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
             self.log.info(
                 "device {device} disconnected ({inflight} unacked kept)",
                 device=self.device_id,
-                inflight=len(self.inflight),
+                inflight=len(self.inflight) - len(self._acking),
             )
 
     def timeoutConnection(self):
