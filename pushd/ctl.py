@@ -26,10 +26,61 @@ class SendOptions(usage.Options):
         ["priority", None, None, "apns-priority (10, 5 or 1)."],
         ["collapse-id", None, None, "apns-collapse-id."],
         ["push-type", None, "alert", "apns-push-type."],
+        ["auth-key", None, None, "Sign a JWT with this .p8 key (with --key-id and --team) instead of the static key."],
+        ["key-id", None, None, "The JWT's kid."],
+        ["team", None, None, "The JWT's iss (team id)."],
     ]
 
     def parseArgs(self, token, topic, payload):
         self["token"], self["topic"], self["payload"] = token, topic, payload
+
+    def postOptions(self):
+        if self["auth-key"] and not (self["key-id"] and self["team"]):
+            raise usage.UsageError("--auth-key needs --key-id and --team")
+
+
+class _KeyOptions(usage.Options):
+    optParameters = [
+        ["state-dir", "d", "var/gateway", "The gateway's state dir (providers.json is there)."],
+        ["team", None, None, "Team id (the JWT's iss)."],
+        ["key-id", None, None, "Key id (the JWT's kid)."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["topics"] = []
+
+    def opt_topic(self, topic):
+        """A topic the team may push to (and its .voip, .complication... suffixes). Repeatable."""
+        self["topics"].append(topic)
+
+    def postOptions(self):
+        if not (self["team"] and self["key-id"]):
+            raise usage.UsageError("--team and --key-id are required")
+
+
+class KeysNewOptions(_KeyOptions):
+    optParameters = [["out", "o", None, "Where to write the private key [default: AuthKey_KEYID.p8]."]]
+
+
+class KeysAddOptions(_KeyOptions):
+    optParameters = [["public-key", None, None, "The provider's public key (PEM)."]]
+
+    def postOptions(self):
+        super().postOptions()
+        if not self["public-key"]:
+            raise usage.UsageError("--public-key is required")
+
+
+class KeysOptions(usage.Options):
+    subCommands = [
+        ["new", None, KeysNewOptions, "Make a provider key (.p8, ES256) and register its public half."],
+        ["add", None, KeysAddOptions, "Register a provider's public key for a team."],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("keys new or keys add")
 
 
 class StatusOptions(usage.Options):
@@ -54,6 +105,7 @@ class Options(usage.Options):
         ["send", None, SendOptions, "Send one notification through the provider API."],
         ["status", None, StatusOptions, "Print the device daemon's status report."],
         ["listen", None, ListenOptions, "Register a topic as an app; print its token and every push."],
+        ["keys", None, KeysOptions, "Provider keys for token (JWT) authentication."],
     ]
 
     def postOptions(self):
@@ -66,9 +118,18 @@ def send(o) -> int:
     key_file = Path(o["key-file"] or state / "provider.key")
     ca = Path(o["ca"] or state / "ca.pem")
     try:
-        key = key_file.read_text().strip()
+        if o["auth-key"]:
+            from pushd.gateway.auth import make_jwt
+            from pushd.tls import load_key
+
+            key = make_jwt(load_key(Path(o["auth-key"]).read_bytes()), o["key-id"], o["team"])
+        else:
+            key = key_file.read_text().strip()
     except OSError as e:
-        print(f"pushctl: cannot read provider key {key_file}: {e.strerror}", file=sys.stderr)
+        print(f"pushctl: cannot read provider key {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"pushctl: {o['auth-key']} is not a PEM private key: {e}", file=sys.stderr)
         return 2
     ctx = ssl.create_default_context(cafile=str(ca)) if ca.exists() else ssl.create_default_context()
     host, _, port = o["gateway"].rpartition(":")
@@ -189,6 +250,39 @@ def listen(o) -> int:
     return _with_daemon(o["socket"], work)
 
 
+def keys(o) -> int:
+    from pushd import tls
+    from pushd.gateway.auth import ProviderKeys
+
+    sub = o.subOptions
+    path = Path(sub["state-dir"]) / "providers.json"
+    try:
+        registry = ProviderKeys.load(path)
+        if o.subCommand == "new":
+            key = tls.new_key("ec")
+            out = Path(sub["out"] or f"AuthKey_{sub['key-id']}.p8")
+            tls.write_private(out, tls.key_pem(key))
+            from cryptography.hazmat.primitives import serialization
+
+            public = key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            print(f"private key written to {out}")
+        else:
+            public = Path(sub["public-key"]).read_bytes()
+        registry.add_key(sub["key-id"], sub["team"], public, sub["topics"])
+        registry.save(path)
+    except OSError as e:
+        print(f"pushctl: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"pushctl: {e}", file=sys.stderr)
+        return 2
+    topics = registry.teams[sub["team"]]["topics"]
+    print(f"key {sub['key-id']} of team {sub['team']} registered in {path}; topics: {', '.join(topics) or 'none yet'}")
+    return 0
+
+
 def main(argv=None) -> int:
     o = Options()
     try:
@@ -196,6 +290,8 @@ def main(argv=None) -> int:
     except usage.UsageError as e:
         print(f"pushctl: {e}\n{o}", file=sys.stderr)
         return 2
+    if o.subCommand == "keys":
+        return keys(o.subOptions)
     return {"send": send, "status": status, "listen": listen}[o.subCommand](o.subOptions)
 
 

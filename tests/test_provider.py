@@ -9,6 +9,7 @@ from io import BytesIO
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, endpoints, reactor, ssl, threads, utils
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
@@ -16,6 +17,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProduce
 from twisted.web.http_headers import Headers
 
 from pushd import tls, wire
+from pushd.gateway.auth import Authenticator, ProviderKeys
 from pushd.gateway.enrol import EnrolResource
 from pushd.gateway.provider import make_site
 from pushd.gateway.router import Router
@@ -36,7 +38,16 @@ class ServerMixin:
         self.store = MemoryStore()
         self.tokens = TokenMinter(b"k")
         self.router = Router(self.store, self.tokens)
-        site = make_site(self.router, [self.pki.provider_key], EnrolResource(self.pki))
+        keys_path = Path(self.mktemp())
+        self.jwt_key = tls.new_key("ec")
+        keys = ProviderKeys()
+        public = self.jwt_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        keys.add_key("KEY1", "TEAM1", public, [TOPIC])
+        keys.add_key("KEY2", "TEAM2", public, ["com.example.other"])
+        keys.save(keys_path)
+        self.auth = Authenticator(keys_path, [self.pki.provider_key])
+        site = make_site(self.router, self.auth, EnrolResource(self.pki))
         factory = TLSMemoryBIOFactory(self.pki.server_options(tls.PROVIDER_ALPN), False, site)
         self.port = yield endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
         self.addCleanup(self.port.stopListening)

@@ -1,16 +1,15 @@
 """
-The provider API, first cut: ``POST /3/device/<hex token>`` as APNs defines it, over
-HTTPS (HTTP/2 by ALPN, HTTP/1.1), authorised by a static bearer key.
+The provider API: ``POST /3/device/<hex token>`` as APNs defines it, over HTTPS (HTTP/2
+by ALPN or by its preface, HTTP/1.1), authorised by an ES256 JWT (``auth.py``).
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import uuid
 
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from pushd.gateway.router import Rejected
 
@@ -52,10 +51,10 @@ class DeviceResource(resource.Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, router, keys):
+    def __init__(self, router, auth):
         super().__init__()
         self.router = router
-        self.keys = [k.encode() if isinstance(k, str) else k for k in keys]
+        self.auth = auth
 
     def render(self, request):
         apns_id = str(uuid.uuid4())
@@ -68,8 +67,10 @@ class DeviceResource(resource.Resource):
         if request.method != b"POST":
             return _answer(request, 405, apns_id, "MethodNotAllowed")
         try:
-            self.check(request)
+            team = self.auth.authenticate(request.getHeader(b"authorization"))
             token, topic, fields = self.parse(request)
+            if not self.auth.allowed(team, topic):
+                raise Rejected(403, "TopicDisallowed")
         except Rejected as e:
             return _answer(request, e.status, apns_id, e.reason, **e.extra)
         d = self.router.accept(token, topic, apns_id=uuid.UUID(apns_id), **fields)
@@ -93,16 +94,6 @@ class DeviceResource(resource.Resource):
             return
         request.write(body)
         request.finish()
-
-    def check(self, request):
-        auth = request.getHeader(b"authorization")
-        if not auth:
-            raise Rejected(403, "MissingProviderToken")
-        scheme, _, key = auth.partition(b" ")
-        if scheme.lower() != b"bearer" or not any(
-            hmac.compare_digest(key.strip(), k) for k in self.keys
-        ):
-            raise Rejected(403, "InvalidProviderToken")
 
     def parse(self, request):
         parts = request.path.split(b"/")
@@ -181,8 +172,54 @@ class Root(resource.Resource):
         return _answer(request, 404, str(uuid.uuid4()), "BadPath")
 
 
-def make_site(router, keys, enrol=None, clock=None):
-    site = server.Site(Root(DeviceResource(router, keys), enrol), requestFactory=BoundedRequest)
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class PrefaceSniffingChannel(http._GenericHTTPChannelProtocol):
+    """
+    twisted.web picks HTTP/2 only when ALPN says h2. APNs also accepts a client that offers
+    no ALPN and opens with the HTTP/2 connection preface (aioapns does): so look at the first
+    24 bytes, and switch this channel to H2Connection when they are the preface.
+    """
+
+    _sniffed = b""
+
+    def dataReceived(self, data):
+        if self._negotiatedProtocol is None and getattr(self._channel.transport, "negotiatedProtocol", None) != b"h2":
+            self._sniffed += data
+            if len(self._sniffed) < len(H2_PREFACE) and H2_PREFACE.startswith(self._sniffed):
+                return  # could still be the preface
+            data, self._sniffed = self._sniffed, b""
+            if data.startswith(H2_PREFACE):
+                self._switch_to_h2()
+        return super().dataReceived(data)
+
+    def _switch_to_h2(self):
+        # As _GenericHTTPChannelProtocol does on ALPN h2.
+        from twisted.web._http2 import H2Connection
+
+        network_producer = self._channel._networkProducer
+        network_producer.unregisterProducer()
+        self._channel.setTimeout(None)
+        transport = self._channel.transport
+        self._channel = H2Connection()
+        self._channel.requestFactory = self._requestFactory
+        self._channel.site = self._site
+        self._channel.factory = self._factory
+        self._channel.timeOut = self._timeOut
+        self._channel.callLater = self._callLater
+        self._channel.makeConnection(transport)
+        network_producer.registerProducer(self._channel, True)
+        self._negotiatedProtocol = b"h2"
+
+
+class ProviderSite(server.Site):
+    def protocol(self):
+        return PrefaceSniffingChannel(http.HTTPChannel())
+
+
+def make_site(router, auth, enrol=None, clock=None):
+    site = ProviderSite(Root(DeviceResource(router, auth), enrol), requestFactory=BoundedRequest)
     if clock is not None:
         site.callLater = clock.callLater
     site.displayTracebacks = False

@@ -13,6 +13,7 @@ from twisted.python import usage
 
 from pushd import config, tls
 from pushd.endpoints import BadListener, listener
+from pushd.gateway.auth import Authenticator
 from pushd.gateway.courier import CourierFactory
 from pushd.gateway.enrol import EnrolResource
 from pushd.gateway.provider import make_site
@@ -96,7 +97,8 @@ def makeService(options, reactor=None):
         grace=options["grace"],
         window=options["window"],
     )
-    site = make_site(router, [pki.provider_key], EnrolResource(pki))
+    auth = Authenticator(state / "providers.json", [pki.provider_key], reactor)
+    site = make_site(router, auth, EnrolResource(pki))
     try:
         for desc in options["courier"]:
             listener(reactor, desc, courier, pki.server_options(tls.COURIER_ALPN)).setServiceParent(top)

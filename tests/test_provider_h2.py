@@ -1,0 +1,115 @@
+"""The provider API over real HTTP/2 (ALPN h2, and the bare preface as aioapns sends it)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from pushd import wire
+from pushd.gateway.auth import make_jwt
+
+from . import h2client
+from .test_provider import DEVICE, TOPIC, ServerMixin
+
+
+class HTTP2Tests(ServerMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield ServerMixin.setUp(self)
+        self.client = yield h2client.connect(self.port.getHost().port, self.ca_pem)
+        self.addCleanup(self.client.close)
+
+    def jwt(self, kid="KEY1", team="TEAM1", iat=None):
+        return make_jwt(self.jwt_key, kid, team, iat=iat)
+
+    def post(self, client=None, path=None, body=b'{"aps":{"alert":"h2"}}', auth="jwt", drop=(), **extra):
+        headers = {"apns-topic": TOPIC}
+        if auth == "jwt":
+            headers["authorization"] = "bearer " + self.jwt()
+        elif auth is not None:
+            headers["authorization"] = auth
+        headers.update({k.replace("_", "-"): v for k, v in extra.items()})
+        for k in drop:
+            headers.pop(k)
+        return (client or self.client).request(
+            path or f"/3/device/{self.token}", list(headers.items()), body,
+            method=extra.pop("method", "POST") if "method" in extra else "POST",
+        )
+
+    @defer.inlineCallbacks
+    def test_alpn_h2_with_jwt(self):
+        r = yield self.post()
+        self.assertEqual(r.status, 200, r.body)
+        uuid.UUID(r.headers["apns-id"])
+        (m,) = self.successResultOf(self.store.pending(DEVICE, {wire.topic_hash(TOPIC)}, 10, 0))
+        self.assertEqual(m.payload, b'{"aps":{"alert":"h2"}}')
+
+    @defer.inlineCallbacks
+    def test_preface_without_alpn(self):
+        """What aioapns does: no ALPN, the HTTP/2 preface straight away."""
+        bare = yield h2client.connect(self.port.getHost().port, self.ca_pem, alpn=False)
+        self.addCleanup(bare.close)
+        self.assertIsNone(bare.transport.negotiatedProtocol)
+        r = yield self.post(client=bare)
+        self.assertEqual(r.status, 200, r.body)
+
+    @defer.inlineCallbacks
+    def test_many_concurrent_streams(self):
+        rs = yield defer.gatherResults([self.post(body=b'{"n":%d}' % i) for i in range(100)])
+        self.assertEqual({r.status for r in rs}, {200})
+        self.assertEqual(len({r.headers["apns-id"] for r in rs}), 100)
+        c = yield self.store.counters()
+        self.assertEqual(c["pending"], 100)
+
+    @defer.inlineCallbacks
+    def test_every_reason(self):
+        other_token = self.tokens.scoped_token(DEVICE, wire.topic_hash("com.example.other")).hex()
+        yield self.store.invalidate(bytes.fromhex(self.tokens.scoped_token(
+            DEVICE, wire.topic_hash("com.example.gone")).hex()), 1_700_000_000.0)
+        gone = self.tokens.scoped_token(DEVICE, wire.topic_hash("com.example.gone")).hex()
+        static = f"bearer {self.pki.provider_key}"
+        cases = [
+            (400, "BadCollapseId", dict(apns_collapse_id="c" * 65)),
+            (400, "BadDeviceToken", dict(path="/3/device/zz")),
+            (400, "BadDeviceToken", dict(path="/3/device/" + "00" * 32)),
+            (400, "BadExpirationDate", dict(apns_expiration="tomorrow")),
+            (400, "BadMessageId", dict(apns_id="123")),
+            (400, "BadPriority", dict(apns_priority="3")),
+            (400, "DeviceTokenNotForTopic", dict(path=f"/3/device/{other_token}", auth=static)),
+            (400, "InvalidPushType", dict(apns_push_type="telegram")),
+            (400, "MissingDeviceToken", dict(path="/3/device/")),
+            (400, "MissingTopic", dict(drop=["apns-topic"])),
+            (400, "PayloadEmpty", dict(body=b"")),
+            (400, "BadPayload", dict(body=b"[1,2")),
+            (403, "ExpiredProviderToken", dict(auth="bearer " + self.jwt(iat=int(time.time()) - 4000))),
+            (403, "InvalidProviderToken", dict(auth="bearer " + self.jwt(kid="NOPE"))),
+            (403, "InvalidProviderToken", dict(auth="bearer x.y.z")),
+            (403, "MissingProviderToken", dict(auth=None)),
+            (403, "TopicDisallowed", dict(auth="bearer " + self.jwt(kid="KEY2", team="TEAM2"))),
+            (404, "BadPath", dict(path="/3/devices/" + self.token)),
+            (405, "MethodNotAllowed", dict(method="PUT")),
+            (410, "Unregistered", dict(path=f"/3/device/{gone}", apns_topic="com.example.gone", auth=static)),
+            (413, "PayloadTooLarge", dict(body=b'{"a":"' + b"x" * 4100 + b'"}')),
+        ]
+        results = yield defer.gatherResults([self.post(**kw) for _, _, kw in cases])
+        for (status, reason, kw), r in zip(cases, results):
+            self.assertEqual((r.status, r.json and r.json["reason"]), (status, reason), kw)
+            uuid.UUID(r.headers["apns-id"])
+        gone_r = results[[c[1] for c in cases].index("Unregistered")]
+        self.assertEqual(gone_r.json["timestamp"], 1_700_000_000_000)
+
+    @defer.inlineCallbacks
+    def test_stream_reset_mid_body_leaves_connection_serving(self):
+        d = self.client.request(
+            f"/3/device/{self.token}", [("apns-topic", TOPIC), ("authorization", "bearer " + self.jwt())],
+            b'{"partial":', end=False)
+        self.client.reset(d.stream_id)
+        r = yield d
+        self.assertEqual(r.reset, "local")
+        r = yield self.post()
+        self.assertEqual(r.status, 200)
+        c = yield self.store.counters()
+        self.assertEqual(c["pending"], 1, "the reset request stored nothing")
