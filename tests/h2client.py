@@ -57,6 +57,10 @@ class H2Client(protocol.Protocol):
                     d.callback(r)
             elif isinstance(ev, ConnectionTerminated):
                 self.terminated = ev
+                for sid, d in list(self.waiting.items()):
+                    if sid > (ev.last_stream_id or 0):
+                        del self.waiting[sid]
+                        d.errback(ConnectionError(f"GOAWAY {ev.error_code!r}"))
         self.flush()
 
     def connectionLost(self, reason):

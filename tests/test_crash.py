@@ -81,7 +81,8 @@ class Provider:
 
 class CrashTestMixin:
     timeout = 300
-    gateway_args: tuple = ()
+    #: Bursts of pushes to one token are the point here, not the rate limit.
+    gateway_args: tuple = ("--token-burst", "100000")
 
     def startBackend(self):
         return defer.succeed(None)
@@ -195,7 +196,7 @@ class CrashTestMixin:
 
 
 class SQLiteCrashTests(CrashTestMixin, unittest.TestCase):
-    gateway_args = ("--store", "sqlite")
+    gateway_args = CrashTestMixin.gateway_args + ("--store", "sqlite")
 
 
 class RedisCrashTests(CrashTestMixin, unittest.TestCase):
@@ -205,7 +206,7 @@ class RedisCrashTests(CrashTestMixin, unittest.TestCase):
     def startBackend(self):
         self.redis = RedisServer(self)
         yield self.redis.start()
-        self.gateway_args = ("--store", self.redis.url)
+        self.gateway_args = CrashTestMixin.gateway_args + ("--store", self.redis.url)
 
     def backendChaos(self, provider, outage):
         total = DEVICES * PER_DEVICE

@@ -47,8 +47,8 @@ class ServerMixin:
         keys.add_key("KEY2", "TEAM2", public, ["com.example.other"])
         keys.save(keys_path)
         self.auth = Authenticator(keys_path, [self.pki.provider_key])
-        site = make_site(self.router, self.auth, EnrolResource(self.pki))
-        factory = TLSMemoryBIOFactory(self.pki.server_options(tls.PROVIDER_ALPN), False, site)
+        self.site = make_site(self.router, self.auth, EnrolResource(self.pki))
+        factory = TLSMemoryBIOFactory(self.pki.server_options(tls.PROVIDER_ALPN), False, self.site)
         self.port = yield endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
         self.addCleanup(self.port.stopListening)
         self.url = f"https://localhost:{self.port.getHost().port}"

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 import uuid
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from pushd import wire
 from pushd.gateway.auth import make_jwt
+from pushd.gateway.ratelimit import Buckets
 
 from . import h2client
 from .test_provider import DEVICE, TOPIC, ServerMixin
@@ -100,6 +101,42 @@ class HTTP2Tests(ServerMixin, unittest.TestCase):
             uuid.UUID(r.headers["apns-id"])
         gone_r = results[[c[1] for c in cases].index("Unregistered")]
         self.assertEqual(gone_r.json["timestamp"], 1_700_000_000_000)
+
+    @defer.inlineCallbacks
+    def test_too_many_requests_per_token_and_per_team(self):
+        clock = task.Clock()
+        device = self.site.resource.device
+        device.token_limit = Buckets(rate=1, burst=2, clock=clock)
+        statuses = []
+        for _ in range(3):
+            r = yield self.post()
+            statuses.append((r.status, r.json and r.json["reason"]))
+        self.assertEqual(statuses, [(200, None), (200, None), (429, "TooManyRequests")])
+        clock.advance(1)
+        r = yield self.post()
+        self.assertEqual(r.status, 200)
+        device.token_limit = None
+        device.team_limit = Buckets(rate=1, burst=1, clock=clock)
+        r1, r2 = yield defer.gatherResults([self.post(), self.post()])
+        self.assertEqual(sorted([r1.status, r2.status]), [200, 429])
+
+    @defer.inlineCallbacks
+    def test_shutdown(self):
+        self.router.shutting_down = True
+        r = yield self.post()
+        self.assertEqual((r.status, r.json["reason"]), (503, "Shutdown"))
+
+    @defer.inlineCallbacks
+    def test_huge_header_does_not_stop_others(self):
+        try:
+            r = yield self.client.request(f"/3/device/{self.token}", [("x-huge", "h" * 70_000)], b"{}")
+            self.assertNotEqual(r.status, 200)
+        except ConnectionError:
+            pass  # refused with a GOAWAY: fine too
+        other = yield h2client.connect(self.port.getHost().port, self.ca_pem)
+        self.addCleanup(other.close)
+        r = yield self.post(client=other)
+        self.assertEqual(r.status, 200)
 
     @defer.inlineCallbacks
     def test_stream_reset_mid_body_leaves_connection_serving(self):

@@ -51,10 +51,12 @@ class DeviceResource(resource.Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, router, auth):
+    def __init__(self, router, auth, token_limit=None, team_limit=None):
         super().__init__()
         self.router = router
         self.auth = auth
+        self.token_limit = token_limit
+        self.team_limit = team_limit
 
     def render(self, request):
         apns_id = str(uuid.uuid4())
@@ -71,6 +73,10 @@ class DeviceResource(resource.Resource):
             token, topic, fields = self.parse(request)
             if not self.auth.allowed(team, topic):
                 raise Rejected(403, "TopicDisallowed")
+            if self.team_limit is not None and not self.team_limit.allow(team):
+                raise Rejected(429, "TooManyRequests")
+            if self.token_limit is not None and not self.token_limit.allow(token):
+                raise Rejected(429, "TooManyRequests")
         except Rejected as e:
             return _answer(request, e.status, apns_id, e.reason, **e.extra)
         d = self.router.accept(token, topic, apns_id=uuid.UUID(apns_id), **fields)
@@ -218,8 +224,9 @@ class ProviderSite(server.Site):
         return PrefaceSniffingChannel(http.HTTPChannel())
 
 
-def make_site(router, auth, enrol=None, clock=None):
-    site = ProviderSite(Root(DeviceResource(router, auth), enrol), requestFactory=BoundedRequest)
+def make_site(router, auth, enrol=None, clock=None, token_limit=None, team_limit=None):
+    device = DeviceResource(router, auth, token_limit, team_limit)
+    site = ProviderSite(Root(device, enrol), requestFactory=BoundedRequest)
     if clock is not None:
         site.callLater = clock.callLater
     site.displayTracebacks = False

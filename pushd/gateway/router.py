@@ -52,6 +52,8 @@ class Router:
         self.sessions: dict = {}
         self.accepted = 0
         self.dropped_offline = 0
+        #: Set when the gateway stops: providers get 503 Shutdown and go elsewhere.
+        self.shutting_down = False
 
     def now(self) -> float:
         return self._clock.seconds() if self._clock is not None else time.time()
@@ -87,6 +89,8 @@ class Router:
         priority: int = 10,
         collapse_id: str | None = None,
     ):
+        if self.shutting_down:
+            raise Rejected(503, "Shutdown")
         try:
             device_id, _ = self.tokens.resolve(token, topic)
         except TokenError as e:

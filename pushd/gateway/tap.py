@@ -17,6 +17,7 @@ from pushd.gateway.auth import Authenticator
 from pushd.gateway.courier import CourierFactory
 from pushd.gateway.enrol import EnrolResource
 from pushd.gateway.provider import make_site
+from pushd.gateway.ratelimit import Buckets
 from pushd.gateway.router import Router
 from pushd.gateway.tokens import TokenMinter
 from pushd.store import open_store
@@ -37,6 +38,10 @@ class Options(config.Options):
         ["sqlite-synchronous", None, "full", "SQLite fsync policy: full (survives power loss) or normal (survives a crash)."],
         ["queue-size", None, 1000, "Pending notifications kept per device and topic; the oldest is dropped beyond.", config.positive(int)],
         ["window", None, 64, "Notifications in flight (unacked) per connection.", config.positive(int)],
+        ["token-rate", None, 10.0, "Pushes per second to one device token (429 TooManyRequests beyond).", config.positive(float)],
+        ["token-burst", None, 100.0, "Pushes to one device token allowed in a burst.", config.positive(float)],
+        ["team-rate", None, 10000.0, "Pushes per second from one team (or the operator key).", config.positive(float)],
+        ["team-burst", None, 20000.0, "Pushes from one team allowed in a burst.", config.positive(float)],
     ]
     multi = {
         "courier": ["tls:5223"],
@@ -58,13 +63,15 @@ class Options(config.Options):
 
 
 class StoreService(service.Service):
-    """Closes the store last, after the listeners stopped feeding it."""
+    """Refuses new notifications (503 Shutdown) and closes the store when the gateway stops."""
 
-    def __init__(self, store):
+    def __init__(self, store, router):
         self.store = store
+        self.router = router
 
     def stopService(self):
         super().stopService()
+        self.router.shutting_down = True
         return self.store.close()
 
 
@@ -88,7 +95,7 @@ def makeService(options, reactor=None):
     router = Router(store, TokenMinter(tls.secret_file(state / "token.secret")), reactor)
 
     top = service.MultiService()
-    StoreService(store).setServiceParent(top)
+    StoreService(store, router).setServiceParent(top)
     courier = CourierFactory(
         router,
         pki.ca_cert,
@@ -98,7 +105,11 @@ def makeService(options, reactor=None):
         window=options["window"],
     )
     auth = Authenticator(state / "providers.json", [pki.provider_key], reactor)
-    site = make_site(router, auth, EnrolResource(pki))
+    site = make_site(
+        router, auth, EnrolResource(pki),
+        token_limit=Buckets(options["token-rate"], options["token-burst"], reactor),
+        team_limit=Buckets(options["team-rate"], options["team-burst"], reactor),
+    )
     try:
         for desc in options["courier"]:
             listener(reactor, desc, courier, pki.server_options(tls.COURIER_ALPN)).setServiceParent(top)
