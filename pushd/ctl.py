@@ -29,6 +29,8 @@ class SendOptions(usage.Options):
         ["auth-key", None, None, "Sign a JWT with this .p8 key (with --key-id and --team) instead of the static key."],
         ["key-id", None, None, "The JWT's kid."],
         ["team", None, None, "The JWT's iss (team id)."],
+        ["count", "n", 1, "Send this many (then report rate and latency percentiles).", int],
+        ["concurrency", "c", 1, "Connections sending at once, with --count.", int],
     ]
 
     def parseArgs(self, token, topic, payload):
@@ -37,6 +39,8 @@ class SendOptions(usage.Options):
     def postOptions(self):
         if self["auth-key"] and not (self["key-id"] and self["team"]):
             raise usage.UsageError("--auth-key needs --key-id and --team")
+        if self["count"] < 1 or not 1 <= self["concurrency"] <= 1000:
+            raise usage.UsageError("--count must be >= 1 and --concurrency 1 to 1000")
 
 
 class _KeyOptions(usage.Options):
@@ -144,17 +148,71 @@ def send(o) -> int:
     for opt, header in (("expiration", "apns-expiration"), ("priority", "apns-priority"), ("collapse-id", "apns-collapse-id")):
         if o[opt] is not None:
             headers[header] = o[opt]
+    path = f"/3/device/{o['token']}"
+    body = o["payload"].encode()
+    if o["count"] > 1:
+        return _load(o, host.strip("[]"), int(port), ctx, path, body, headers)
     conn = http.client.HTTPSConnection(host.strip("[]"), int(port), context=ctx, timeout=30)
     try:
-        conn.request("POST", f"/3/device/{o['token']}", body=o["payload"].encode(), headers=headers)
+        conn.request("POST", path, body=body, headers=headers)
         resp = conn.getresponse()
-        body = resp.read()
+        answer = resp.read()
     except (OSError, http.client.HTTPException) as e:
         print(f"pushctl: {o['gateway']}: {e}", file=sys.stderr)
         return 2
     apns_id = resp.getheader("apns-id")
-    print(f"{resp.status} apns-id: {apns_id}" + (f" {body.decode(errors='replace')}" if body else ""))
+    print(f"{resp.status} apns-id: {apns_id}" + (f" {answer.decode(errors='replace')}" if answer else ""))
     return 0 if resp.status == 200 else 1
+
+
+def _load(o, host, port, ctx, path, body, headers) -> int:
+    """--count N --concurrency C: N requests over C keep-alive connections (HTTP/1.1)."""
+    import collections
+    import threading
+
+    lock = threading.Lock()
+    todo = [o["count"]]
+    latencies, statuses = [], collections.Counter()
+
+    def worker():
+        conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
+        while True:
+            with lock:
+                if todo[0] == 0:
+                    break
+                todo[0] -= 1
+            t = time.perf_counter()
+            try:
+                conn.request("POST", path, body=body, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                status = resp.status
+            except (OSError, http.client.HTTPException) as e:
+                status = type(e).__name__
+                conn.close()
+                conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
+            with lock:
+                latencies.append(time.perf_counter() - t)
+                statuses[status] += 1
+        conn.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(o["concurrency"])]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+
+    def pct(p):
+        return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000
+
+    print(f"{len(latencies)} requests in {elapsed:.2f} s: {len(latencies) / elapsed:.0f}/s "
+          f"over {o['concurrency']} connections")
+    print(f"latency ms: p50 {pct(50):.1f}  p90 {pct(90):.1f}  p99 {pct(99):.1f}  max {latencies[-1] * 1000:.1f}")
+    print("statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items(), key=str)))
+    return 0 if set(statuses) == {200} else 1
 
 
 def _when(t):

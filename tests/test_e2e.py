@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from pushd import tls, wire
 
-from .stack import Stack
+from .stack import TOPIC, Stack
 from .helpers import OTHER_CA_CERT, OTHER_CA_KEY, Device
 
 class EndToEndTests(unittest.TestCase):
@@ -140,3 +140,24 @@ def raw_exchange(port, ca_pem, data, timeout=10):
         return (False, result[1])
 
     return p.closed.addCallback(done)
+
+
+class PushctlLoadTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_count_and_concurrency_report(self):
+        from pushd.gateway.tokens import TokenMinter
+
+        s = Stack(self)
+        yield s.start_gateway()
+        minter = TokenMinter((s.gw_state / "token.secret").read_bytes().strip())
+        token = minter.scoped_token("00112233445566778899aabbccddeeff", wire.topic_hash(TOPIC)).hex()
+        out, err, code = yield procs.run(procs.PUSHCTL + [
+            "send", "-g", f"127.0.0.1:{s.provider_port}", "-d", str(s.gw_state), "-n", "30", "-c", "3",
+            token, TOPIC, '{"aps":{"alert":"load"}}'], s.dir)
+        text = out.decode()
+        self.assertEqual(code, 0, text + err.decode())
+        self.assertRegex(text, r"^30 requests in [0-9.]+ s: \d+/s over 3 connections")
+        self.assertRegex(text, r"latency ms: p50 [0-9.]+  p90 [0-9.]+  p99 [0-9.]+  max [0-9.]+")
+        self.assertIn("statuses: 200: 30", text)
