@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from pushd import tls, wire
 
+from . import procs
 from .stack import TOPIC, Stack
 from .helpers import OTHER_CA_CERT, OTHER_CA_KEY, Device
 
