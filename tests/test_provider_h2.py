@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 import uuid
 
-from twisted.internet import defer, task
+from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.trial import unittest
 
 from pushd import wire
 from pushd.gateway.auth import make_jwt
 from pushd.gateway.ratelimit import Buckets
+from pushd.store.interfaces import StoreUnavailable
 
 from . import h2client
 from .test_provider import DEVICE, TOPIC, ServerMixin
@@ -121,6 +122,16 @@ class HTTP2Tests(ServerMixin, unittest.TestCase):
         self.assertEqual(sorted([r1.status, r2.status]), [200, 429])
 
     @defer.inlineCallbacks
+    def test_store_failures(self):
+        self.store.enqueue = lambda m: defer.fail(StoreUnavailable("Redis is down"))
+        r = yield self.post()
+        self.assertEqual((r.status, r.json["reason"]), (503, "ServiceUnavailable"))
+        self.store.enqueue = lambda m: defer.fail(RuntimeError("a bug"))
+        r = yield self.post()
+        self.assertEqual((r.status, r.json["reason"]), (500, "InternalServerError"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @defer.inlineCallbacks
     def test_shutdown(self):
         self.router.shutting_down = True
         r = yield self.post()
@@ -150,3 +161,46 @@ class HTTP2Tests(ServerMixin, unittest.TestCase):
         self.assertEqual(r.status, 200)
         c = yield self.store.counters()
         self.assertEqual(c["pending"], 1, "the reset request stored nothing")
+
+
+class StalledClientTests(ServerMixin, unittest.TestCase):
+    """A client that never finishes its request is cut off by the idle timeout (on a Clock)."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.clock = task.Clock()
+        yield ServerMixin.setUp(self)
+        self.site.reactor = self.clock  # the channels' timeouts (HTTPFactory.buildProtocol)
+        self.site.timeOut = 30
+
+    @defer.inlineCallbacks
+    def test_http2_stalled_stream(self):
+        client = yield h2client.connect(self.port.getHost().port, self.ca_pem)
+        d = client.request(f"/3/device/{self.token}", [("apns-topic", TOPIC)], b'{"half":', end=False)
+        d.addErrback(lambda f: f.trap(ConnectionError, Exception))
+        yield task.deferLater(reactor, 0.1, lambda: None)  # let the frames reach the server
+        self.assertFalse(client.closed.called)
+        self.clock.advance(31)  # idle: the server sends GOAWAY and closes...
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.clock.advance(16)  # ...aborting the connection if the close does not complete
+        yield client.closed
+        self.assertIsNotNone(client.terminated, "a GOAWAY came first")
+        other = yield h2client.connect(self.port.getHost().port, self.ca_pem)
+        self.addCleanup(other.close)
+        r = yield other.request(f"/3/device/{self.token}", [
+            ("apns-topic", TOPIC), ("authorization", f"bearer {self.pki.provider_key}")], b"{}")
+        self.assertEqual(r.status, 200)
+
+    @defer.inlineCallbacks
+    def test_http11_stalled_body(self):
+        from .test_e2e import _Raw
+
+        raw = _Raw(b"POST /3/device/" + self.token.encode() + b" HTTP/1.1\r\nHost: localhost\r\n"
+                   b"apns-topic: " + TOPIC.encode() + b"\r\ncontent-length: 100\r\n\r\n{\"half\":")
+        opts = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(self.ca_pem))
+        reactor.connectSSL("127.0.0.1", self.port.getHost().port, protocol.ClientFactory.forProtocol(lambda: raw), opts)
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertFalse(raw.closed.called)
+        self.clock.advance(31)
+        closed, data = yield raw.closed
+        self.assertTrue(closed)

@@ -228,6 +228,6 @@ def make_site(router, auth, enrol=None, clock=None, token_limit=None, team_limit
     device = DeviceResource(router, auth, token_limit, team_limit)
     site = ProviderSite(Root(device, enrol), requestFactory=BoundedRequest)
     if clock is not None:
-        site.callLater = clock.callLater
+        site.reactor = clock
     site.displayTracebacks = False
     return site

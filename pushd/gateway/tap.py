@@ -38,6 +38,7 @@ class Options(config.Options):
         ["sqlite-synchronous", None, "full", "SQLite fsync policy: full (survives power loss) or normal (survives a crash)."],
         ["queue-size", None, 1000, "Pending notifications kept per device and topic; the oldest is dropped beyond.", config.positive(int)],
         ["window", None, 64, "Notifications in flight (unacked) per connection.", config.positive(int)],
+        ["idle-timeout", None, 60.0, "Close a provider connection idle (or stalled mid-request) this long (s).", config.positive(float)],
         ["token-rate", None, 10.0, "Pushes per second to one device token (429 TooManyRequests beyond).", config.positive(float)],
         ["token-burst", None, 100.0, "Pushes to one device token allowed in a burst.", config.positive(float)],
         ["team-rate", None, 10000.0, "Pushes per second from one team (or the operator key).", config.positive(float)],
@@ -110,6 +111,7 @@ def makeService(options, reactor=None):
         token_limit=Buckets(options["token-rate"], options["token-burst"], reactor),
         team_limit=Buckets(options["team-rate"], options["team-burst"], reactor),
     )
+    site.timeOut = options["idle-timeout"]
     try:
         for desc in options["courier"]:
             listener(reactor, desc, courier, pki.server_options(tls.COURIER_ALPN)).setServiceParent(top)
