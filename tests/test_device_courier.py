@@ -175,7 +175,7 @@ class ProtocolTests(unittest.TestCase):
         self.dev = Device()
         self.factory = CourierClientFactory(
             self.listener, [TCPTransport("127.0.0.1", 5223)], self.dev.key, self.dev.der,
-            reactor=self.reactor, keepalive_interval=60, keepalive_timeout=15,
+            reactor=self.reactor, keepalive_min=60, keepalive_max=60, keepalive_timeout=15,
         )
         self.proto = self.factory.buildProtocol(None)
         self.t = StringTransport()
@@ -253,3 +253,45 @@ class TransportTests(unittest.TestCase):
         r = MemoryReactorClock()
         TLSTransport("localhost", 5223, tls.cert_pem(CA_CERT)).connect(r, ClientFactory())
         self.assertEqual(r.sslClients[0][:2], ("localhost", 5223))
+
+
+class AdaptiveKeepaliveProtocolTests(unittest.TestCase):
+    """The interval grows on answered keepalives and falls back after an unanswered one,
+    across the reconnect, all on a fake clock."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        dev = Device()
+        self.factory = CourierClientFactory(
+            Listener(), [TCPTransport("127.0.0.1", 5223)], dev.key, dev.der,
+            reactor=self.reactor, keepalive_min=30, keepalive_max=1000, keepalive_timeout=10,
+        )
+        self.factory.keepalive.growth = 2
+
+    def connect(self, advertised=None):
+        proto = self.factory.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        proto.dataReceived(connect_ack(keepalive_interval=advertised))
+        t.clear()
+        return proto, t
+
+    def test_grow_fail_fall_back(self):
+        proto, t = self.connect(advertised=None)
+        waits = []
+        for _ in range(4):
+            (call,) = [c for c in self.reactor.getDelayedCalls() if c.func == proto.keepalive]
+            waits.append(call.getTime() - self.reactor.seconds())
+            self.reactor.advance(waits[-1])
+            self.assertEqual(frames_of(t.value()), [wire.KeepAlive()])
+            t.clear()
+            proto.dataReceived(wire.KeepAliveAck().encode())
+        self.assertEqual(waits, [30, 60, 120, 240], "doubling while answered")
+        self.reactor.advance(480)  # the keepalive after 480 s goes out...
+        self.reactor.advance(10)  # ...and is not answered
+        self.assertTrue(t.disconnecting)
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.factory.keepalive.interval, 240, "back to the last answered interval")
+        self.assertEqual(self.factory.keepalive.failures, 1)
+        proto, t = self.connect(advertised=100)
+        self.assertEqual(self.factory.keepalive.interval, 100, "never above what the gateway accepts")

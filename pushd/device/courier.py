@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 from pushd import tls, wire
+from pushd.device.keepalive import AdaptiveKeepalive
 
 PUSHD_VERSION = 1
 
@@ -117,7 +118,7 @@ class CourierClientProtocol(protocol.Protocol):
         if msg.token:
             f.base_token = msg.token
         if msg.keepalive_interval:
-            f.keepalive_interval = msg.keepalive_interval
+            f.keepalive.gateway_accepts(msg.keepalive_interval)
         self.ready = True
         f.resetDelay()
         f.transportConnected()
@@ -145,7 +146,10 @@ class CourierClientProtocol(protocol.Protocol):
         d.addErrback(failed).addCallback(ack)
 
     def handle_KeepAliveAck(self, msg):
+        if self._ka_timeout is None:
+            return  # not one we are waiting for
         self._cancel_timeout()
+        self.factory.keepalive.succeeded()
         self.listener.keepaliveAnswered()
         self._schedule_keepalive()
 
@@ -157,7 +161,7 @@ class CourierClientProtocol(protocol.Protocol):
     def _schedule_keepalive(self):
         if self._ka_call is not None and self._ka_call.active():
             self._ka_call.cancel()
-        self._ka_call = self.clock.callLater(self.factory.keepalive_interval, self.keepalive)
+        self._ka_call = self.clock.callLater(self.factory.keepalive.interval, self.keepalive)
 
     def keepalive(self):
         self._ka_call = None
@@ -165,9 +169,11 @@ class CourierClientProtocol(protocol.Protocol):
             return
         self.send(wire.KeepAlive())
         self.listener.keepaliveSent()
-        self._ka_timeout = self.clock.callLater(
-            self.factory.keepalive_timeout, self._dead, "keepalive unanswered"
-        )
+        self._ka_timeout = self.clock.callLater(self.factory.keepalive_timeout, self._keepalive_lost)
+
+    def _keepalive_lost(self):
+        self.factory.keepalive.failed()
+        self._dead("keepalive unanswered")
 
     def _cancel_timeout(self):
         if self._ka_timeout is not None and self._ka_timeout.active():
@@ -217,7 +223,8 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
         certificate_der: bytes,
         base_token: bytes | None = None,
         reactor=None,
-        keepalive_interval: float = 60.0,
+        keepalive_min: float = 30.0,
+        keepalive_max: float = 600.0,
         keepalive_timeout: float = 15.0,
         max_delay: float = 60.0,
         rng=None,
@@ -230,7 +237,7 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
         self.certificate_der = certificate_der
         self.base_token = base_token
         self.reactor = self.clock = reactor
-        self.keepalive_interval = keepalive_interval
+        self.keepalive = AdaptiveKeepalive(keepalive_min, keepalive_max)
         self.keepalive_timeout = keepalive_timeout
         self.maxDelay = max_delay
         self.delay = self.initialDelay
@@ -328,3 +335,7 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
                 self.connector.stopConnecting()
             except Exception:
                 pass
+
+    @property
+    def keepalive_interval(self) -> float:
+        return self.keepalive.interval

@@ -34,7 +34,8 @@ class Options(config.Options):
         ["enrol-secret-file", None, None, "File holding the enrolment secret."],
         ["key-type", None, "ec", "Device key type for enrolment: ec or rsa."],
         ["socket", "s", None, "App socket path [default: STATE-DIR/pushd.sock]."],
-        ["keepalive", None, 60.0, "Keepalive interval (s) until the gateway advertises one.", config.positive(float)],
+        ["keepalive-min", None, 30.0, "Shortest keepalive interval (s); the interval starts here.", config.positive(float)],
+        ["keepalive-max", None, 600.0, "Longest keepalive interval (s) the adaptive interval may reach.", config.positive(float)],
         ["keepalive-timeout", None, 15.0, "Seconds to wait for a KeepAliveAck before reconnecting.", config.positive(float)],
         ["max-delay", None, 60.0, "Longest backoff between attempts (s).", config.positive(float)],
     ]
@@ -46,6 +47,8 @@ class Options(config.Options):
 
     def postOptions(self):
         super().postOptions()
+        if self["keepalive-min"] > self["keepalive-max"]:
+            raise usage.UsageError("--keepalive-min must not be above --keepalive-max")
         if self["key-type"] not in ("ec", "rsa"):
             raise usage.UsageError("--key-type must be ec or rsa")
         g = self["gateway"]
@@ -117,7 +120,8 @@ def makeService(options, reactor=None):
         ident.cert_der,
         base_token=ident.base_token,
         reactor=reactor,
-        keepalive_interval=options["keepalive"],
+        keepalive_min=options["keepalive-min"],
+        keepalive_max=options["keepalive-max"],
         keepalive_timeout=options["keepalive-timeout"],
         max_delay=options["max-delay"],
     )

@@ -32,8 +32,8 @@ class Options(config.Options):
     longdesc = "Run the pushd gateway: courier listeners for devices, the provider API for app servers."
     optParameters = [
         ["state-dir", "d", "var/gateway", "Directory for the CA, keys and secrets (created on first start)."],
-        ["keepalive", None, 60, "Keepalive interval (s) devices are asked to keep.", config.positive(int)],
-        ["grace", None, 3.0, "A connection silent for keepalive x grace seconds is closed.", config.positive(float)],
+        ["keepalive", None, 300, "Longest keepalive interval (s) devices may use (told to pushd devices).", config.positive(int)],
+        ["grace", None, 2.0, "A connection silent for keepalive x grace seconds is closed.", config.positive(float)],
         ["store", None, "sqlite", "Where accepted notifications wait: sqlite, sqlite:PATH, redis://HOST:PORT/DB or memory."],
         ["sqlite-synchronous", None, "full", "SQLite fsync policy: full (survives power loss) or normal (survives a crash)."],
         ["queue-size", None, 1000, "Pending notifications kept per device and topic; the oldest is dropped beyond.", config.positive(int)],
