@@ -92,6 +92,10 @@ class StatusOptions(usage.Options):
     optParameters = [["socket", "s", "var/device/pushd.sock", "The device daemon's socket."]]
 
 
+class ReconnectOptions(usage.Options):
+    optParameters = [["socket", "s", "var/device/pushd.sock", "The device daemon's socket."]]
+
+
 class ListenOptions(usage.Options):
     synopsis = "TOPIC"
     optParameters = [
@@ -110,6 +114,7 @@ class Options(usage.Options):
         ["status", None, StatusOptions, "Print the device daemon's status report."],
         ["listen", None, ListenOptions, "Register a topic as an app; print its token and every push."],
         ["keys", None, KeysOptions, "Provider keys for token (JWT) authentication."],
+        ["reconnect", None, ReconnectOptions, "Tell the device daemon the network changed: reconnect now."],
     ]
 
     def postOptions(self):
@@ -308,6 +313,13 @@ def listen(o) -> int:
     return _with_daemon(o["socket"], work)
 
 
+def reconnect(o) -> int:
+    if not Path(o["socket"]).exists():
+        print(f"pushctl: no device daemon socket at {o['socket']}", file=sys.stderr)
+        return 2
+    return _with_daemon(o["socket"], lambda reactor, c: c.reconnect())
+
+
 def keys(o) -> int:
     from pushd import tls
     from pushd.gateway.auth import ProviderKeys
@@ -350,7 +362,7 @@ def main(argv=None) -> int:
         return 2
     if o.subCommand == "keys":
         return keys(o.subOptions)
-    return {"send": send, "status": status, "listen": listen}[o.subCommand](o.subOptions)
+    return {"send": send, "status": status, "listen": listen, "reconnect": reconnect}[o.subCommand](o.subOptions)
 
 
 if __name__ == "__main__":

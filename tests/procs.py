@@ -93,7 +93,7 @@ class Process(protocol.ProcessProtocol):
 
     def signal(self, sig=signal.SIGTERM):
         if self.running:
-            self.transport.signalProcess({signal.SIGTERM: "TERM", signal.SIGKILL: "KILL"}.get(sig, sig))
+            self.transport.signalProcess({signal.SIGTERM: "TERM", signal.SIGKILL: "KILL", signal.SIGHUP: "HUP"}.get(sig, sig))
         return self.ended
 
     def stop(self):

@@ -295,3 +295,41 @@ class AdaptiveKeepaliveProtocolTests(unittest.TestCase):
         self.assertEqual(self.factory.keepalive.failures, 1)
         proto, t = self.connect(advertised=100)
         self.assertEqual(self.factory.keepalive.interval, 100, "never above what the gateway accepts")
+
+
+class ReconnectNowTests(unittest.TestCase):
+    """SIGHUP / pushctl reconnect: a network change means connect again at once."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        dev = Device()
+        self.factory = CourierClientFactory(
+            Listener(), [TCPTransport("127.0.0.1", 5223), TCPTransport("127.0.0.1", 443)],
+            dev.key, dev.der, reactor=self.reactor, rng=Highest())
+
+    def test_waiting_to_retry_connects_now(self):
+        self.factory.start()
+        for _ in range(4):
+            self.factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+            self.reactor.advance(100)
+        self.factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        attempts = len(self.reactor.tcpClients)
+        self.factory.reconnect_now("test")
+        self.assertEqual(len(self.reactor.tcpClients), attempts + 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.factory.delay, 1)
+
+    def test_connected_drops_and_connects_at_once(self):
+        self.factory.start()
+        proto = self.factory.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        proto.dataReceived(connect_ack())
+        attempts = len(self.reactor.tcpClients)
+        self.factory.reconnect_now("test")
+        self.assertTrue(t.disconnecting)
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.factory.clientConnectionLost(None, Failure(ConnectionLost()))
+        self.assertEqual(len(self.reactor.tcpClients), attempts + 1, "no backoff wait")
+        self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active() and c.func != proto.keepalive], [])

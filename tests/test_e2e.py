@@ -143,6 +143,28 @@ def raw_exchange(port, ca_pem, data, timeout=10):
     return p.closed.addCallback(done)
 
 
+class NetworkChangeTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_reconnect_on_pushctl_and_sighup(self):
+        s = Stack(self)
+        yield s.start_gateway()
+        yield s.start_device()
+        mark = len(s.device.lines)
+        out, err, code = yield procs.run(procs.PUSHCTL + ["reconnect", "--socket", str(s.dev_state / "pushd.sock")], s.dir)
+        self.assertEqual(code, 0, err)
+        yield s.device.wait_for(r"reconnecting now: pushctl reconnect", after=mark)
+        yield s.device.wait_for(r"connected as device", after=mark)
+        mark = len(s.device.lines)
+        s.device.signal(signal.SIGHUP)
+        yield s.device.wait_for(r"reconnecting now: SIGHUP", after=mark)
+        yield s.device.wait_for(r"connected as device", after=mark)
+        out, err, code = yield s.status()
+        self.assertRegex(out.decode(), r"successful connections:\s+3\b")
+        self.assertRegex(out.decode(), r"consecutive connection failures:\s+0\b")
+
+
 class PushctlLoadTests(unittest.TestCase):
     timeout = 60
 

@@ -31,3 +31,10 @@ class Deliver(amp.Command):
         (b"message_id", amp.String()),
     ]
     response = []
+
+
+class Reconnect(amp.Command):
+    """The network changed: drop the courier connection and connect again now."""
+
+    arguments = []
+    response = []

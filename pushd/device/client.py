@@ -34,6 +34,9 @@ class AppClient(amp.AMP):
         d = self.callRemote(cmds.Register, topic=topic)
         return d.addCallback(lambda r: bytes.fromhex(r["token"]))
 
+    def reconnect(self):
+        return self.callRemote(cmds.Reconnect)
+
     def status(self):
         return self.callRemote(cmds.Status).addCallback(lambda r: json.loads(r["report"]))
 

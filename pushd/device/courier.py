@@ -251,6 +251,7 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
         self.last_attempt = None
         self.connection = None
         self._lost_waiters: list = []
+        self._immediate = False
 
     # --- connecting ---------------------------------------------------------
 
@@ -297,12 +298,33 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
         self._index += 1
         self.retry()
 
+    def reconnect_now(self, why: str = "asked to") -> None:
+        """A network change (SIGHUP, ``pushctl reconnect``): drop any connection and connect
+        again at once, backoff reset; the old path may be gone without a word."""
+        if not self.continueTrying:
+            return
+        self.log.info("reconnecting now: {why}", why=why)
+        pending, self._callID = self._callID, None
+        self.resetDelay()  # (also forgets _callID: hence taken above)
+        if self.connection is not None and self.connection.transport is not None:
+            self._immediate = True
+            self.connection._closing = True
+            self.connection.transport.abortConnection()
+        elif pending is not None and pending.active():
+            pending.cancel()
+            self._connect()
+
     def clientConnectionLost(self, connector, reason):
         was_up = self.connection is not None and self.connection.was_ready
         self.connection = None
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
             d.callback(None)
+        if self._immediate:
+            self._immediate = False
+            if self.continueTrying:
+                self._connect()
+            return
         if not was_up:
             # Lost before ConnectAck (TLS failure, refused Connect): a failed attempt.
             self.failures += 1

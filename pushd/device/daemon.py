@@ -240,6 +240,11 @@ class AppProtocol(amp.AMP):
         d = self.daemon.register(topic, self)
         return d.addCallback(lambda token: {"token": token.hex()})
 
+    @cmds.Reconnect.responder
+    def reconnect(self):
+        self.daemon.factory.reconnect_now("pushctl reconnect")
+        return {}
+
     @cmds.Status.responder
     def status(self):
         return {"report": json.dumps(self.daemon.status())}

@@ -5,6 +5,7 @@ and a local AMP socket for apps and ``pushctl``.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from twisted.application import service, strports
@@ -96,9 +97,15 @@ class CourierService(service.Service):
     def startService(self):
         super().startService()
         self.factory.start()
+        # SIGHUP means the network changed (as a dispatcher script would signal it).
+        reactor = self.factory.reactor
+        self._previous = signal.signal(
+            signal.SIGHUP, lambda *_: reactor.callFromThread(self.factory.reconnect_now, "SIGHUP")
+        )
 
     def stopService(self):
         super().stopService()
+        signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
         return self.factory.stop()
 
 
