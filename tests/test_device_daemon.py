@@ -49,6 +49,7 @@ class DaemonTests(unittest.TestCase):
         self.ident = Identity.create(Path(self.mktemp()), dev.key, dev.cert, tls.cert_pem(CA_CERT))
         self.clock = task.Clock()
         self.daemon = DeviceDaemon(self.ident, self.clock)
+        self.addCleanup(lambda: self.daemon.held.close())
         self.courier = Courier()
 
     def test_register_offline_then_token_on_connect(self):
@@ -87,7 +88,7 @@ class DaemonTests(unittest.TestCase):
         (cmd, kw, answer), = app.calls[1:]
         self.assertEqual(kw["payload"], b"2")
         answer.callback({})
-        self.assertEqual(len(self.daemon.held[TOPIC]), 0)
+        self.assertEqual(self.daemon.held.count(TOPIC), 0)
 
     def test_duplicates_dropped(self):
         app = App()
@@ -103,7 +104,7 @@ class DaemonTests(unittest.TestCase):
         self.daemon.app_gone(app)
         for i in range(3):
             self.daemon.notificationReceived(note(b"%d" % i, b"m%d" % i))
-        self.assertEqual(len(self.daemon.held[TOPIC]), 3)
+        self.assertEqual(self.daemon.held.count(TOPIC), 3)
         back = App()
         self.daemon.register(TOPIC, back)
         self.clock.advance(0)
@@ -113,7 +114,7 @@ class DaemonTests(unittest.TestCase):
             got.append(kw["payload"])
             d.callback({})
         self.assertEqual(got, [b"0", b"1", b"2"])
-        self.assertEqual(len(self.daemon.held[TOPIC]), 0)
+        self.assertEqual(self.daemon.held.count(TOPIC), 0)
 
     def test_app_failure_keeps_push_at_head(self):
         app = App()
@@ -122,11 +123,34 @@ class DaemonTests(unittest.TestCase):
         self.daemon.notificationReceived(note(b"y", b"m2"))
         self.daemon.app_gone(app)
         app.calls[0][2].errback(RuntimeError("gone"))
-        self.assertEqual(list(self.daemon.held[TOPIC]), [(b"x", b"m1"), (b"y", b"m2")])
+        self.assertEqual(self.daemon.held.items(TOPIC), [(b"x", b"m1"), (b"y", b"m2")])
         back = App()
         self.daemon.register(TOPIC, back)
         self.clock.advance(0)
         self.assertEqual(back.calls[0][1]["payload"], b"x")
+
+    def test_held_pushes_survive_a_daemon_restart_in_order_once(self):
+        app = App()
+        self.daemon.register(TOPIC, app)
+        self.daemon.app_gone(app)
+        for i in range(3):
+            self.daemon.notificationReceived(note(b"%d" % i, b"m%d" % i))
+        self.daemon.held.close()
+
+        again = DeviceDaemon(Identity.load(self.ident.state_dir), self.clock)
+        self.addCleanup(again.held.close)
+        self.assertEqual(again.notificationReceived(note(b"1", b"m1")), wire.STATUS_OK)
+        self.assertEqual(again.duplicates, 1, "a resent push it already holds is taken once")
+        back = App()
+        again.register(TOPIC, back)
+        self.clock.advance(0)
+        got = []
+        while back.calls:
+            cmd, kw, d = back.calls.pop(0)
+            got.append(kw["payload"])
+            d.callback({})
+        self.assertEqual(got, [b"0", b"1", b"2"])
+        self.assertEqual(again.held.count(TOPIC), 0)
 
     def test_bad_topic(self):
         self.assertRaises(ValueError, self.daemon.register, "", App())
@@ -157,6 +181,7 @@ class BackpressureTests(unittest.TestCase):
         self.ident = Identity.create(Path(self.mktemp()), dev.key, dev.cert, tls.cert_pem(CA_CERT))
         self.clock = task.Clock()
         self.daemon = DeviceDaemon(self.ident, self.clock)
+        self.addCleanup(lambda: self.daemon.held.close())
         self.courier = Courier()
         app = App()
         self.daemon.register(TOPIC, app)
@@ -182,9 +207,10 @@ class BackpressureTests(unittest.TestCase):
             cmd, kw, d = back.calls.pop(0)
             got.append(kw["payload"])
             d.callback({})
-            if len(q := self.daemon.held[TOPIC]) == self.limit // 2 + 1:
+            n = self.daemon.held.count(TOPIC)
+            if n == self.limit // 2 + 1:
                 self.assertEqual(self.filters(), [[TH], []], "still filtered out above half")
-            if len(q) == self.limit // 2:
+            if n == self.limit // 2:
                 self.assertEqual(self.filters(), [[TH], [], [TH]], "enabled again at half")
         self.assertEqual(got, [b"%d" % i for i in range(self.limit + 10)])
 
@@ -192,4 +218,4 @@ class BackpressureTests(unittest.TestCase):
         for i in range(self.hard):
             self.daemon.notificationReceived(note(b"%d" % i, b"m%d" % i))
         self.assertEqual(self.daemon.notificationReceived(note(b"over", b"over")), wire.STATUS_ERROR)
-        self.assertNotIn(b"over", self.daemon._seen, "a declined push is not a duplicate later")
+        self.assertFalse(self.daemon.held.seen(b"over"), "a declined push is not a duplicate later")

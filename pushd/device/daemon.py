@@ -6,7 +6,6 @@ It hears the courier (ICourierListener) and the apps (AMP on a UNIX socket).
 from __future__ import annotations
 
 import json
-from collections import OrderedDict, deque
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -16,12 +15,12 @@ from zope.interface import implementer
 from pushd import wire
 from pushd.device import amp as cmds
 from pushd.device.courier import ICourierListener
+from pushd.device.held import HeldQueue
 
 MAX_TOPIC = 255
 HELD_PER_TOPIC = 100
 #: Past this a topic's pushes are declined (see DeviceDaemon); above any gateway's window.
 HARD_LIMIT = 4 * HELD_PER_TOPIC
-SEEN_IDS = 4096
 
 
 @implementer(ICourierListener)
@@ -44,10 +43,9 @@ class DeviceDaemon:
         self.factory = None  # the CourierClientFactory, set by the service
         self.proto = None
         self.apps: dict = {}  # topic -> AppProtocol
-        self.held: dict = {}  # topic -> deque of (payload, message id), oldest first
-        self._full: set = set()  # topics filtered out until their queue drains to half
+        self.held = HeldQueue(identity.state_dir / "held.sqlite3")
+        self._full = {t for t in identity.apps if self.held.count(t) >= HELD_PER_TOPIC}
         self._draining: set = set()  # topics with a Deliver outstanding
-        self._seen: OrderedDict = OrderedDict()
         self._token_waiters: dict = {}  # topic -> [Deferred]
         self.started = clock.seconds()
         self.connected_at = None
@@ -106,22 +104,18 @@ class DeviceDaemon:
 
     def notificationReceived(self, msg):
         self.received += 1
-        if msg.message_id in self._seen:
+        if self.held.seen(msg.message_id):
             self.duplicates += 1
             return wire.STATUS_OK
         topic = self._topics().get(msg.topic)
         if topic is None:
             self.log.info("notification for a topic no app registered; acked and dropped")
             return wire.STATUS_OK
-        q = self.held.setdefault(topic, deque())
-        if len(q) >= HARD_LIMIT:
+        if self.held.count(topic) >= HARD_LIMIT:
             # Declined: the gateway keeps it and offers it again after our next Filter.
             return wire.STATUS_ERROR
-        self._seen[msg.message_id] = True
-        while len(self._seen) > SEEN_IDS:
-            self._seen.popitem(last=False)
-        q.append((msg.payload, msg.message_id))
-        if len(q) >= HELD_PER_TOPIC:
+        self.held.append(topic, msg.payload, msg.message_id)
+        if self.held.count(topic) >= HELD_PER_TOPIC:
             self._full.add(topic)
             self._sync_topics()
         self._drain(topic)
@@ -130,17 +124,19 @@ class DeviceDaemon:
     def _drain(self, topic):
         """Hand the oldest queued push to the app, then the next, in order."""
         app = self.apps.get(topic)
-        q = self.held.get(topic)
-        if app is None or not q or topic in self._draining:
+        if app is None or topic in self._draining:
+            return
+        head = self.held.head(topic)
+        if head is None:
             return
         self._draining.add(topic)
-        payload, mid = q[0]
+        payload, mid = head
         d = app.callRemote(cmds.Deliver, topic=topic, payload=payload, message_id=mid)
 
         def delivered(_):
             self._draining.discard(topic)
-            q.popleft()
-            if topic in self._full and len(q) <= HELD_PER_TOPIC // 2:
+            self.held.remove(topic, mid)
+            if topic in self._full and self.held.count(topic) <= HELD_PER_TOPIC // 2:
                 self._full.discard(topic)
                 self._sync_topics()
             self._drain(topic)
@@ -220,7 +216,7 @@ class DeviceDaemon:
                     "app connected": topic in self.apps,
                     "persistent connection created": info.get("created"),
                     "token": self.identity.tokens[topic].hex() if topic in self.identity.tokens else None,
-                    "held": len(self.held.get(topic, ())),
+                    "held": self.held.count(topic),
                 }
                 for topic, info in sorted(self.identity.apps.items())
             ],

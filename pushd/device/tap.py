@@ -89,10 +89,12 @@ def load_identity(options) -> Identity:
 
 
 class CourierService(service.Service):
-    """Starts the factory's first attempt with the reactor and stops retrying on shutdown."""
+    """Starts the factory's first attempt with the reactor; on shutdown stops retrying,
+    closes the connection, then the held-push file."""
 
-    def __init__(self, factory):
+    def __init__(self, factory, daemon):
         self.factory = factory
+        self.daemon = daemon
 
     def startService(self):
         super().startService()
@@ -106,7 +108,7 @@ class CourierService(service.Service):
     def stopService(self):
         super().stopService()
         signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
-        return self.factory.stop()
+        return self.factory.stop().addBoth(lambda _: self.daemon.held.close())
 
 
 def makeService(options, reactor=None):
@@ -135,7 +137,7 @@ def makeService(options, reactor=None):
     daemon.factory = factory
 
     top = service.MultiService()
-    CourierService(factory).setServiceParent(top)
+    CourierService(factory, daemon).setServiceParent(top)
     apps = protocol.Factory.forProtocol(lambda: AppProtocol(daemon))
     sock = options["socket"].replace(":", r"\:")
     strports.service(f"unix:{sock}:mode=600:lockfile=1", apps).setServiceParent(top)
