@@ -228,30 +228,49 @@ def _when(t):
 
 
 TIME_KEYS = {
-    "startup time", "connection time", "last connection attempt",
+    "startup time", "status counters last reset", "connection time", "last connection attempt",
     "last keepalive request time", "last keepalive response time", "persistent connection created",
 }
 
 
 def format_report(report: dict) -> str:
+    """Lay the report out as ``apsctl status`` does: nested, values in one column."""
     lines = []
 
-    def put(key, value, indent):
+    def put(key, value, indent=0):
         if key in TIME_KEYS:
             value = _when(value)
         elif isinstance(value, bool):
             value = "Yes" if value else "No"
+        elif value is None:
+            value = "-"
         label = " " * indent + key + ":"
         lines.append(f"{label:<46}{value}")
 
-    for key, value in report.items():
-        if key == "apps":
-            continue
-        put(key, value, 0)
+    for key in ("daemon status", "startup time", "status counters last reset", "certificate status",
+                "device id", "base token"):
+        put(key, report.get(key))
+    lines.append("")
+    put("connection environment", report.get("connection environment"))
+    c = report.get("courier", {})
+    put("courier status", c.get("courier status"), 3)
+    for key in ("enabled", "stream connected", "connected to service"):
+        put(key, c.get(key), 6)
+    if c.get("stream connected"):
+        for key in ("connected to server hostname", "connected to server port", "connection time",
+                    "successful connections"):
+            put(key, c.get(key), 9)
+    else:
+        for key in ("consecutive connection failures", "last connection attempt", "successful connections"):
+            put(key, c.get(key), 9)
+    for key in ("last keepalive request time", "last keepalive response time", "keepalive interval",
+                "notifications received", "duplicates dropped"):
+        put(key, c.get(key), 6)
     for app in report.get("apps", []):
-        lines.append("")
-        for key, value in app.items():
-            put(key, value, 0 if key == "application port name" else 3)
+        put("application port name", app.get("application port name"), 3)
+        for key in ("process", "persistent connection status", "persistent connection created", "token",
+                    "pushes held for the app"):
+            put(key, app.get(key), 6)
     return "\n".join(lines)
 
 

@@ -159,12 +159,12 @@ class DaemonTests(unittest.TestCase):
     def test_status(self):
         self.daemon.register(TOPIC, App())
         r = self.daemon.status()
-        self.assertEqual(r["courier status"], "Disabled")
+        self.assertEqual(r["courier"]["courier status"], "Disabled")
         self.assertEqual(r["apps"][0]["application port name"], TOPIC)
         self.assertEqual(r["apps"][0]["persistent connection status"], "Not connected to service")
         self.daemon.connected(self.courier, b"B" * 32)
         r = self.daemon.status()
-        self.assertEqual(r["courier status"], "Connected")
+        self.assertEqual(r["courier"]["courier status"], "Connected")
         self.assertEqual(r["apps"][0]["persistent connection status"], "Waiting for push notifications")
 
 

@@ -6,6 +6,8 @@ It hears the courier (ICourierListener) and the apps (AMP on a UNIX socket).
 from __future__ import annotations
 
 import json
+import socket
+import struct
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -37,8 +39,9 @@ class DeviceDaemon:
 
     log = Logger()
 
-    def __init__(self, identity, clock):
+    def __init__(self, identity, clock, environment="production"):
         self.identity = identity
+        self.environment = environment
         self.clock = clock
         self.factory = None  # the CourierClientFactory, set by the service
         self.proto = None
@@ -177,6 +180,7 @@ class DeviceDaemon:
     # --- the report -------------------------------------------------------------------------
 
     def status(self) -> dict:
+        """The report ``pushctl status`` prints, in the spirit of ``apsctl status``."""
         f = self.factory
         connected = self.proto is not None
         if connected:
@@ -189,38 +193,55 @@ class DeviceDaemon:
         return {
             "daemon status": "Running",
             "startup time": self.started,
-            "device id": self.identity.device_id,
+            "status counters last reset": self.started,
             "certificate status": "Provisioned, using new certificate"
             if self.identity.provisioned_now
             else "Provisioned, using existing certificate",
-            "courier status": courier,
-            "stream connected": connected,
-            "connected to server hostname": getattr(transport, "host", None),
-            "connected to server port": getattr(transport, "port", None),
-            "connection time": self.connected_at,
-            "successful connections": f.successes if f else 0,
-            "consecutive connection failures": f.failures if f else 0,
-            "last connection attempt": f.last_attempt if f else None,
-            "last keepalive request time": self.last_ka_request,
-            "last keepalive response time": self.last_ka_response,
-            "keepalive interval": f.keepalive_interval if f else None,
-            "notifications received": self.received,
-            "duplicates dropped": self.duplicates,
+            "device id": self.identity.device_id,
             "base token": self.identity.base_token.hex() if self.identity.base_token else None,
+            "connection environment": self.environment,
+            "courier": {
+                "courier status": courier,
+                "enabled": bool(f is not None and f.continueTrying),
+                "stream connected": connected,
+                "connected to service": connected,
+                "connected to server hostname": getattr(transport, "host", None),
+                "connected to server port": getattr(transport, "port", None),
+                "connection time": self.connected_at,
+                "successful connections": f.successes if f else 0,
+                "consecutive connection failures": f.failures if f else 0,
+                "last connection attempt": f.last_attempt if f else None,
+                "last keepalive request time": self.last_ka_request,
+                "last keepalive response time": self.last_ka_response,
+                "keepalive interval": round(f.keepalive_interval, 1) if f else None,
+                "notifications received": self.received,
+                "duplicates dropped": self.duplicates,
+            },
             "apps": [
                 {
                     "application port name": topic,
+                    "process": getattr(self.apps.get(topic), "process", None),
                     "persistent connection status": "Waiting for push notifications"
-                    if connected and topic in self.apps
+                    if connected
                     else "Not connected to service",
-                    "app connected": topic in self.apps,
                     "persistent connection created": info.get("created"),
                     "token": self.identity.tokens[topic].hex() if topic in self.identity.tokens else None,
-                    "held": self.held.count(topic),
+                    "pushes held for the app": self.held.count(topic),
                 }
                 for topic, info in sorted(self.identity.apps.items())
             ],
         }
+
+
+def peer_process(transport):
+    """``name[pid]`` of the process at the other end of a UNIX socket (Linux SO_PEERCRED)."""
+    try:
+        sock = transport.getHandle()
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        with open(f"/proc/{pid}/comm") as f:
+            return f"{f.read().strip()}[{pid}]"
+    except (AttributeError, OSError, struct.error):
+        return None
 
 
 class AppProtocol(amp.AMP):
@@ -230,6 +251,11 @@ class AppProtocol(amp.AMP):
         super().__init__()
         self.daemon = daemon
         self.topics = set()
+        self.process = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.process = peer_process(self.transport)
 
     @cmds.Register.responder
     def register(self, topic):

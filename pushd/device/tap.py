@@ -34,6 +34,7 @@ class Options(config.Options):
         ["enrol-secret", None, None, "The gateway's enrolment secret (first start only)."],
         ["enrol-secret-file", None, None, "File holding the enrolment secret."],
         ["key-type", None, "ec", "Device key type for enrolment: ec or rsa."],
+        ["environment", None, "production", "The connection environment shown in the status report."],
         ["socket", "s", None, "App socket path [default: STATE-DIR/pushd.sock]."],
         ["keepalive-min", None, 30.0, "Shortest keepalive interval (s); the interval starts here.", config.positive(float)],
         ["keepalive-max", None, 600.0, "Longest keepalive interval (s) the adaptive interval may reach.", config.positive(float)],
@@ -121,7 +122,7 @@ def makeService(options, reactor=None):
         ]
     except ValueError as e:
         raise usage.UsageError(str(e))
-    daemon = DeviceDaemon(ident, reactor)
+    daemon = DeviceDaemon(ident, reactor, options["environment"])
     factory = CourierClientFactory(
         daemon,
         transport_list,
