@@ -5,6 +5,7 @@ twistd pushd-device, pushctl listen as the app, pushctl send as the app server.
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 
@@ -20,6 +21,13 @@ from .helpers import OTHER_CA_CERT, OTHER_CA_KEY, Device
 
 class EndToEndTests(unittest.TestCase):
     timeout = 90
+
+    @defer.inlineCallbacks
+    def report(self, s):
+        out, err, code = yield procs.run(
+            procs.PUSHCTL + ["status", "--json", "--socket", str(s.dev_state / "pushd.sock")], s.dir)
+        self.assertEqual(code, 0, err)
+        return json.loads(out)
 
     @defer.inlineCallbacks
     def test_notification_reaches_app_and_survives_gateway_restart(self):
@@ -39,6 +47,7 @@ class EndToEndTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertRegex(out.decode(), r"courier status:\s+Connected")
         self.assertRegex(out.decode(), r"successful connections:\s+1\b")
+        created = (yield self.report(s))["apps"][0]["persistent connection created"]
 
         # Kill the gateway outright; the device keeps retrying until it is back.
         yield s.gateway.signal(signal.SIGKILL)
@@ -48,6 +57,13 @@ class EndToEndTests(unittest.TestCase):
         out, err, code = yield s.status()
         self.assertRegex(out.decode(), r"courier status:\s+Will reattempt to reconnect")
         self.assertRegex(out.decode(), r"consecutive connection failures:\s+[1-9]")
+        first = yield self.report(s)
+        mark = len(s.device.lines)
+        yield s.device.wait_for(r"connecting to tls:.* failed", after=mark)
+        second = yield self.report(s)
+        self.assertGreater(second["courier"]["consecutive connection failures"],
+                           first["courier"]["consecutive connection failures"])
+        self.assertGreater(second["courier"]["last connection attempt"], first["courier"]["last connection attempt"])
         # ...and is back by itself once the gateway is.
         mark = len(s.device.lines)
         yield s.start_gateway()
@@ -63,6 +79,9 @@ class EndToEndTests(unittest.TestCase):
 
         out, err, code = yield s.status()
         self.assertRegex(out.decode(), r"successful connections:\s+2\b")
+        after = yield self.report(s)
+        self.assertEqual(after["apps"][0]["persistent connection created"], created,
+                         "the app's persistent connection outlives the TCP connection")
 
     @defer.inlineCallbacks
     def test_bad_clients_are_cut_off_and_others_served(self):
