@@ -96,6 +96,14 @@ class ReconnectOptions(usage.Options):
     optParameters = [["socket", "s", "var/device/pushd.sock", "The device daemon's socket."]]
 
 
+class UnregisterOptions(usage.Options):
+    synopsis = "TOPIC"
+    optParameters = [["socket", "s", "var/device/pushd.sock", "The device daemon's socket."]]
+
+    def parseArgs(self, topic):
+        self["topic"] = topic
+
+
 class ListenOptions(usage.Options):
     synopsis = "TOPIC"
     optParameters = [
@@ -115,6 +123,7 @@ class Options(usage.Options):
         ["listen", None, ListenOptions, "Register a topic as an app; print its token and every push."],
         ["keys", None, KeysOptions, "Provider keys for token (JWT) authentication."],
         ["reconnect", None, ReconnectOptions, "Tell the device daemon the network changed: reconnect now."],
+        ["unregister", None, UnregisterOptions, "Unregister an app's topic: its token answers 410 from now on."],
     ]
 
     def postOptions(self):
@@ -339,6 +348,22 @@ def reconnect(o) -> int:
     return _with_daemon(o["socket"], lambda reactor, c: c.reconnect())
 
 
+def unregister(o) -> int:
+    if not Path(o["socket"]).exists():
+        print(f"pushctl: no device daemon socket at {o['socket']}", file=sys.stderr)
+        return 2
+    result = []
+
+    def work(reactor, c):
+        return c.unregister(o["topic"]).addCallback(result.append)
+
+    code = _with_daemon(o["socket"], work)
+    if code == 0 and not result[0]:
+        print(f"pushctl: {o['topic']} was not registered", file=sys.stderr)
+        return 1
+    return code
+
+
 def keys(o) -> int:
     from pushd import tls
     from pushd.gateway.auth import ProviderKeys
@@ -381,7 +406,8 @@ def main(argv=None) -> int:
         return 2
     if o.subCommand == "keys":
         return keys(o.subOptions)
-    return {"send": send, "status": status, "listen": listen, "reconnect": reconnect}[o.subCommand](o.subOptions)
+    return {"send": send, "status": status, "listen": listen, "reconnect": reconnect,
+            "unregister": unregister}[o.subCommand](o.subOptions)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ NO_STORAGE = 14
 SCOPED_TOKEN = 17
 SCOPED_TOKEN_ACK = 18
 SET_STATE = 20
+#: pushd's own commands start at 32; sent only to a gateway that is pushd (ConnectAck
+#: field 32 present), so a plain APNs server never sees them.
+UNREGISTER = 32
 
 # Status codes (u8) in ConnectAck, NotificationAck and ScopedTokenAck.
 STATUS_OK = 0
@@ -320,6 +323,16 @@ class SetState(Message):
     unknown2: Optional[int] = fid(2, "u32")
 
 
+@dataclass
+class Unregister(Message):
+    """pushd: the app of this topic is gone; its token answers providers 410 from now on."""
+
+    COMMAND = UNREGISTER
+    REQUIRED = ("token", "topic")
+    token: Optional[bytes] = fid(1)
+    topic: Optional[bytes] = fid(2)
+
+
 MESSAGES = {
     cls.COMMAND: cls
     for cls in (
@@ -334,6 +347,7 @@ MESSAGES = {
         ScopedToken,
         ScopedTokenAck,
         SetState,
+        Unregister,
     )
 }
 

@@ -145,6 +145,8 @@ class StoreContract:
         yield self.store.invalidate(t, NOW)
         self.assertEqual((yield self.store.invalidated(t)), NOW)
         self.assertIsNone((yield self.store.invalidated(b"\x03" * 32)))
+        yield self.store.revalidate(t)
+        self.assertIsNone((yield self.store.invalidated(t)))
 
     @defer.inlineCallbacks
     def test_presence(self):

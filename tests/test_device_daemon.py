@@ -2,6 +2,8 @@ from pathlib import Path
 
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from pushd import tls, wire
@@ -151,6 +153,34 @@ class DaemonTests(unittest.TestCase):
             d.callback({})
         self.assertEqual(got, [b"0", b"1", b"2"])
         self.assertEqual(again.held.count(TOPIC), 0)
+
+    def test_unregister_online_and_offline(self):
+        class Factory:
+            gateway_is_pushd = True
+            continueTrying = True
+
+        self.daemon.factory = Factory()
+        self.daemon.register(TOPIC, App())
+        self.daemon.connected(self.courier, b"B" * 32)
+        self.daemon.tokenReceived(TH, b"S" * 32)
+        self.courier.sent.clear()
+        self.assertTrue(self.daemon.unregister(TOPIC))
+        f, u = self.courier.sent
+        self.assertEqual(f.enabled, [])
+        self.assertEqual((u.token, u.topic), (b"S" * 32, TH))
+        self.assertNotIn(TOPIC, Identity.load(self.ident.state_dir).apps)
+        self.assertFalse(self.daemon.unregister(TOPIC))
+
+        # Offline: kept, and told the gateway on the next connect.
+        self.daemon.register("com.example.two", App())
+        self.daemon.tokenReceived(wire.topic_hash("com.example.two"), b"T" * 32)
+        self.daemon.disconnected(Failure(ConnectionLost()))
+        self.daemon.unregister("com.example.two")
+        self.assertEqual(Identity.load(self.ident.state_dir).unregistered, {"com.example.two": b"T" * 32})
+        self.courier.sent.clear()
+        self.daemon.connected(self.courier, b"B" * 32)
+        self.assertIn(wire.Unregister(token=b"T" * 32, topic=wire.topic_hash("com.example.two")), self.courier.sent)
+        self.assertEqual(Identity.load(self.ident.state_dir).unregistered, {})
 
     def test_bad_topic(self):
         self.assertRaises(ValueError, self.daemon.register, "", App())

@@ -184,6 +184,27 @@ class NetworkChangeTests(unittest.TestCase):
         self.assertRegex(out.decode(), r"courier status:\s+Connected")
 
 
+class UnregisterTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_unregistered_app_token_answers_410(self):
+        s = Stack(self)
+        yield s.start_gateway()
+        yield s.start_device()
+        app = s.listen(1)
+        token = (yield app.wait_for(r"^token ([0-9a-f]{64})$")).group(1)
+        out, err, code = yield s.send(token, {"n": 1})
+        self.assertTrue(out.startswith(b"200 "), out + err)
+        yield app.ended
+        out, err, code = yield procs.run(
+            procs.PUSHCTL + ["unregister", "--socket", str(s.dev_state / "pushd.sock"), TOPIC], s.dir)
+        self.assertEqual(code, 0, err)
+        yield s.gateway.wait_for(r"unregistered a topic")
+        out, err, code = yield s.send(token, {"n": 2})
+        self.assertRegex(out.decode(), r'^410 apns-id: \S+ \{"reason": "Unregistered", "timestamp": \d{13}\}')
+
+
 class PushctlLoadTests(unittest.TestCase):
     timeout = 60
 

@@ -223,6 +223,20 @@ class SessionTests(unittest.TestCase):
         self.proto.dataReceived(wire.Filter(enabled=[TH]).encode())
         self.assertEqual([n.payload for n in self.sent()], [b'{"v":2}'])
 
+    def test_unregister_invalidates_and_scoped_token_revalidates(self):
+        self.proto.dataReceived(wire.Unregister(token=self.token, topic=TH).encode())
+        self.assertEqual(self.successResultOf(self.gw.store.invalidated(self.token)), self.gw.clock.seconds())
+        d = self.gw.router.accept(self.token, TOPIC, b"{}", uuid.uuid4(), expiry=int(self.gw.clock.seconds()) + 60)
+        self.assertEqual(self.failureResultOf(d).value.status, 410)
+        self.proto.dataReceived(wire.ScopedToken(token=b"x", topic=TH).encode())
+        self.assertIsNone(self.successResultOf(self.gw.store.invalidated(self.token)))
+
+    def test_unregister_of_another_devices_token_closes(self):
+        other = self.gw.tokens.scoped_token(Device().id, TH)
+        self.proto.dataReceived(wire.Unregister(token=other, topic=TH).encode())
+        self.assertTrue(self.t.disconnecting)
+        self.assertIsNone(self.successResultOf(self.gw.store.invalidated(other)))
+
     def test_unknown_command_closes(self):
         self.proto.dataReceived(wire.encode_frame(wire.Frame(99, ())))
         self.assertTrue(self.t.disconnecting)

@@ -38,3 +38,10 @@ class Reconnect(amp.Command):
 
     arguments = []
     response = []
+
+
+class Unregister(amp.Command):
+    """The app of this topic is uninstalled: its token answers providers 410 Unregistered."""
+
+    arguments = [(b"topic", amp.Unicode())]
+    response = [(b"known", amp.Boolean())]

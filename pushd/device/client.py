@@ -34,6 +34,10 @@ class AppClient(amp.AMP):
         d = self.callRemote(cmds.Register, topic=topic)
         return d.addCallback(lambda r: bytes.fromhex(r["token"]))
 
+    def unregister(self, topic: str):
+        """Fire with True if the topic was registered."""
+        return self.callRemote(cmds.Unregister, topic=topic).addCallback(lambda r: r["known"])
+
     def reconnect(self):
         return self.callRemote(cmds.Reconnect)
 

@@ -117,6 +117,8 @@ class CourierClientProtocol(protocol.Protocol):
         f = self.factory
         if msg.token:
             f.base_token = msg.token
+        # Field 32 is pushd's: this gateway takes pushd's own commands too.
+        f.gateway_is_pushd = msg.keepalive_interval is not None
         if msg.keepalive_interval:
             f.keepalive.gateway_accepts(msg.keepalive_interval)
         self.ready = True
@@ -252,6 +254,7 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
         self.connection = None
         self._lost_waiters: list = []
         self._immediate = False
+        self.gateway_is_pushd = False
 
     # --- connecting ---------------------------------------------------------
 

@@ -89,6 +89,11 @@ class DeviceDaemon:
         for topic in self.identity.apps:
             if topic not in self.identity.tokens:
                 self.proto.send(wire.ScopedToken(token=self.identity.base_token, topic=wire.topic_hash(topic)))
+        if self.identity.unregistered and getattr(self.factory, "gateway_is_pushd", False):
+            for topic, token in self.identity.unregistered.items():
+                self.proto.send(wire.Unregister(token=token, topic=wire.topic_hash(topic)))
+            self.identity.unregistered.clear()
+            self.identity.save()
 
     def tokenReceived(self, topic_hash, token):
         topic = self._topics().get(topic_hash)
@@ -171,6 +176,24 @@ class DeviceDaemon:
         d = defer.Deferred()
         self._token_waiters.setdefault(topic, []).append(d)
         return d
+
+    def unregister(self, topic: str) -> bool:
+        """The app is uninstalled: forget the topic; the gateway answers its token 410."""
+        if topic not in self.identity.apps:
+            return False
+        del self.identity.apps[topic]
+        token = self.identity.tokens.pop(topic, None)
+        if token is not None:
+            self.identity.unregistered[topic] = token
+        self.identity.save()
+        while (head := self.held.head(topic)) is not None:
+            self.held.remove(topic, head[1])
+        self._full.discard(topic)
+        app = self.apps.pop(topic, None)
+        if app is not None:
+            app.topics.discard(topic)
+        self._sync_topics()
+        return True
 
     def app_gone(self, app):
         for topic in app.topics:
@@ -261,6 +284,10 @@ class AppProtocol(amp.AMP):
     def register(self, topic):
         d = self.daemon.register(topic, self)
         return d.addCallback(lambda token: {"token": token.hex()})
+
+    @cmds.Unregister.responder
+    def unregister(self, topic):
+        return {"known": self.daemon.unregister(topic)}
 
     @cmds.Reconnect.responder
     def reconnect(self):

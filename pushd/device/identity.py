@@ -35,6 +35,7 @@ class Identity:
     base_token: bytes | None = None
     tokens: dict = field(default_factory=dict)  # topic -> token bytes
     apps: dict = field(default_factory=dict)  # topic -> {"created": float}
+    unregistered: dict = field(default_factory=dict)  # topic -> token bytes, not yet told the gateway
     provisioned_now: bool = False
 
     @property
@@ -77,6 +78,7 @@ class Identity:
                 ident.base_token = bytes.fromhex(data["base_token"])
             ident.tokens = {t: bytes.fromhex(v) for t, v in data.get("tokens", {}).items()}
             ident.apps = data.get("apps", {})
+            ident.unregistered = {t: bytes.fromhex(v) for t, v in data.get("unregistered", {}).items()}
         return ident
 
     def save(self) -> None:
@@ -85,6 +87,7 @@ class Identity:
             "base_token": self.base_token.hex() if self.base_token else None,
             "tokens": {t: v.hex() for t, v in self.tokens.items()},
             "apps": self.apps,
+            "unregistered": {t: v.hex() for t, v in self.unregistered.items()},
         }
         path = self.state_dir / "state.json"
         tmp = path.with_name("state.json.tmp")

@@ -156,7 +156,27 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
             token = self.factory.router.tokens.scoped_token(self.device_id, msg.topic)
         except TokenError:
             return self.fail("ScopedToken topic is not a SHA-1 hash")
-        self.send(wire.ScopedTokenAck(status=wire.STATUS_OK, scoped_token=token, topic=msg.topic))
+
+        def answer(_):
+            if not self._closing:
+                self.send(wire.ScopedTokenAck(status=wire.STATUS_OK, scoped_token=token, topic=msg.topic))
+
+        # Registering (again) makes the token valid, even if an earlier unregister invalidated it.
+        self.factory.router.store.revalidate(token).addErrback(
+            lambda f: self.log.warn("revalidating a token failed: {why}", why=f.getErrorMessage())
+        ).addCallback(answer)
+
+    def handle_Unregister(self, msg: wire.Unregister):
+        try:
+            token = self.factory.router.tokens.scoped_token(self.device_id, msg.topic)
+        except TokenError:
+            return self.fail("Unregister topic is not a SHA-1 hash")
+        if token != msg.token:
+            return self.fail("Unregister names a token that is not this device's")
+        self.log.info("device {device} unregistered a topic", device=self.device_id)
+        self.factory.router.store.invalidate(token, self.factory.clock.seconds()).addErrback(
+            lambda f: self.log.warn("invalidating a token failed: {why}", why=f.getErrorMessage())
+        )
 
     def handle_NotificationAck(self, msg: wire.NotificationAck):
         mid = msg.message_id

@@ -68,6 +68,9 @@ class ITokenRegistry(Interface):
     def invalidated(token):
         """Fire with the invalidation time, or None if the token is valid."""
 
+    def revalidate(token):
+        """The app registered again: the token is valid from now on."""
+
 
 class IPresence(Interface):
     """Which gateway node holds which device's connection."""

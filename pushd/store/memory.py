@@ -82,6 +82,10 @@ class MemoryStore:
     def invalidated(self, token):
         return defer.succeed(self._invalid.get(token))
 
+    def revalidate(self, token):
+        self._invalid.pop(token, None)
+        return defer.succeed(None)
+
     # --- presence ----------------------------------------------------------------
 
     def claim(self, device_id, node):

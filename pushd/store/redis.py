@@ -486,6 +486,9 @@ class RedisStore:
         d = self._command(b"HGET", self._invalid, token)
         return d.addCallback(lambda v: float(v) if v is not None else None)
 
+    def revalidate(self, token):
+        return self._command(b"HDEL", self._invalid, token).addCallback(lambda _: None)
+
     # --- presence --------------------------------------------------------------------------
 
     def claim(self, device_id, node):

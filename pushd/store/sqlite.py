@@ -244,6 +244,11 @@ class SQLiteStore:
 
         return self._submit(q)
 
+    def revalidate(self, token):
+        return self._submit(
+            lambda db: db.execute("DELETE FROM invalid_tokens WHERE token = ?", (token,)) and None
+        )
+
     def claim(self, device_id, node):
         def q(db):
             row = db.execute("SELECT node FROM presence WHERE device_id = ?", (device_id,)).fetchone()
