@@ -10,7 +10,7 @@ import random
 import signal
 
 from cryptography import x509
-from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.trial import unittest
 
 from pushd import tls, wire
@@ -182,6 +182,50 @@ class NetworkChangeTests(unittest.TestCase):
         out, err, code = yield s.status()
         self.assertRegex(out.decode(), r"successful connections:\s+3\b")
         self.assertRegex(out.decode(), r"courier status:\s+Connected")
+
+
+class DeviceRestartTests(unittest.TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_identity_tokens_apps_kept_and_absent_app_gets_its_pushes_in_order_once(self):
+        s = Stack(self)
+        yield s.start_gateway()
+        yield s.start_device()
+        app = s.listen(1)
+        token = (yield app.wait_for(r"^token ([0-9a-f]{64})$")).group(1)
+        out, err, code = yield s.send(token, {"n": 0})
+        yield app.ended
+        before = yield EndToEndTests.report(self, s)
+
+        yield s.device.stop()
+        yield s.start_device()
+        after = yield EndToEndTests.report(self, s)
+        self.assertEqual(after["device id"], before["device id"])
+        self.assertEqual(after["base token"], before["base token"])
+        self.assertEqual(after["certificate status"], "Provisioned, using existing certificate")
+        self.assertEqual([(a["application port name"], a["token"], a["persistent connection created"])
+                          for a in after["apps"]],
+                         [(a["application port name"], a["token"], a["persistent connection created"])
+                          for a in before["apps"]])
+
+        # The app is not running: pushes wait on the device, then arrive in order, once.
+        for n in range(1, 6):
+            out, err, code = yield s.send(token, {"n": n})
+            self.assertTrue(out.startswith(b"200 "), out + err)
+        for _ in range(50):
+            r = yield EndToEndTests.report(self, s)
+            if r["apps"][0]["pushes held for the app"] == 5:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(r["apps"][0]["pushes held for the app"], 5)
+        yield s.device.stop()
+        yield s.start_device()  # held on disk across a daemon restart, too
+        app = s.listen(6)
+        self.assertEqual((yield app.wait_for(r"^token ([0-9a-f]{64})$")).group(1), token)
+        yield s.send(token, {"n": 6})  # a marker: in order, so a duplicate would come before it
+        self.assertEqual((yield app.ended), 0)
+        self.assertEqual([json.loads(line)["n"] for line in app.lines if line.startswith("{")], [1, 2, 3, 4, 5, 6])
 
 
 class UnregisterTests(unittest.TestCase):
