@@ -284,9 +284,14 @@ def format_report(report: dict) -> str:
 
 
 def _with_daemon(socket_path, work):
+    """Run ``work(reactor, client)`` against the device daemon's socket; the exit code."""
     from twisted.internet import task
 
     from pushd.device import client
+
+    if not Path(socket_path).exists():
+        print(f"pushctl: no device daemon socket at {socket_path}", file=sys.stderr)
+        return 2
 
     def main(reactor):
         d = client.connect(reactor, socket_path)
@@ -307,9 +312,6 @@ def status(o) -> int:
 
         return c.status().addCallback(show)
 
-    if not Path(o["socket"]).exists():
-        print(f"pushctl: no device daemon socket at {o['socket']}", file=sys.stderr)
-        return 2
     return _with_daemon(o["socket"], work)
 
 
@@ -335,23 +337,14 @@ def listen(o) -> int:
 
         return c.register(o["topic"]).addCallback(got)
 
-    if not Path(o["socket"]).exists():
-        print(f"pushctl: no device daemon socket at {o['socket']}", file=sys.stderr)
-        return 2
     return _with_daemon(o["socket"], work)
 
 
 def reconnect(o) -> int:
-    if not Path(o["socket"]).exists():
-        print(f"pushctl: no device daemon socket at {o['socket']}", file=sys.stderr)
-        return 2
     return _with_daemon(o["socket"], lambda reactor, c: c.reconnect())
 
 
 def unregister(o) -> int:
-    if not Path(o["socket"]).exists():
-        print(f"pushctl: no device daemon socket at {o['socket']}", file=sys.stderr)
-        return 2
     result = []
 
     def work(reactor, c):

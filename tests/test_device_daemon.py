@@ -40,12 +40,25 @@ class App:
         self.calls.append((command, kw, d))
         return d
 
+    def answer_all(self, each=None):
+        """Ack every Deliver, including those that acking brings; return their payloads."""
+        got = []
+        while self.calls:
+            cmd, kw, d = self.calls.pop(0)
+            got.append(kw["payload"])
+            d.callback({})
+            if each is not None:
+                each(got)
+        return got
+
 
 def note(payload, mid):
     return wire.Notification(token=b"T" * 32, topic=TH, payload=payload, message_id=mid)
 
 
-class DaemonTests(unittest.TestCase):
+class Fixture:
+    """A daemon on a fresh identity and a Clock, and a stand-in courier."""
+
     def setUp(self):
         dev = Device()
         self.ident = Identity.create(Path(self.mktemp()), dev.key, dev.cert, tls.cert_pem(CA_CERT))
@@ -54,6 +67,8 @@ class DaemonTests(unittest.TestCase):
         self.addCleanup(lambda: self.daemon.held.close())
         self.courier = Courier()
 
+
+class DaemonTests(Fixture, unittest.TestCase):
     def test_register_offline_then_token_on_connect(self):
         app = App()
         d = self.daemon.register(TOPIC, app)
@@ -110,12 +125,7 @@ class DaemonTests(unittest.TestCase):
         back = App()
         self.daemon.register(TOPIC, back)
         self.clock.advance(0)
-        got = []
-        while back.calls:
-            cmd, kw, d = back.calls.pop(0)
-            got.append(kw["payload"])
-            d.callback({})
-        self.assertEqual(got, [b"0", b"1", b"2"])
+        self.assertEqual(back.answer_all(), [b"0", b"1", b"2"])
         self.assertEqual(self.daemon.held.count(TOPIC), 0)
 
     def test_app_failure_keeps_push_at_head(self):
@@ -146,12 +156,7 @@ class DaemonTests(unittest.TestCase):
         back = App()
         again.register(TOPIC, back)
         self.clock.advance(0)
-        got = []
-        while back.calls:
-            cmd, kw, d = back.calls.pop(0)
-            got.append(kw["payload"])
-            d.callback({})
-        self.assertEqual(got, [b"0", b"1", b"2"])
+        self.assertEqual(back.answer_all(), [b"0", b"1", b"2"])
         self.assertEqual(again.held.count(TOPIC), 0)
 
     def test_unregister_online_and_offline(self):
@@ -198,21 +203,16 @@ class DaemonTests(unittest.TestCase):
         self.assertEqual(r["apps"][0]["persistent connection status"], "Waiting for push notifications")
 
 
-class BackpressureTests(unittest.TestCase):
+class BackpressureTests(Fixture, unittest.TestCase):
     """With its app away, a topic's pushes are queued up to a bound, then the topic is
     filtered out (the gateway keeps the rest) until the app has drained the queue to half."""
 
     def setUp(self):
         from pushd.device.daemon import HARD_LIMIT, HELD_PER_TOPIC
 
+        Fixture.setUp(self)
         self.limit = HELD_PER_TOPIC
         self.hard = HARD_LIMIT
-        dev = Device()
-        self.ident = Identity.create(Path(self.mktemp()), dev.key, dev.cert, tls.cert_pem(CA_CERT))
-        self.clock = task.Clock()
-        self.daemon = DeviceDaemon(self.ident, self.clock)
-        self.addCleanup(lambda: self.daemon.held.close())
-        self.courier = Courier()
         app = App()
         self.daemon.register(TOPIC, app)
         self.daemon.app_gone(app)
@@ -232,16 +232,15 @@ class BackpressureTests(unittest.TestCase):
         back = App()
         self.daemon.register(TOPIC, back)
         self.clock.advance(0)
-        got = []
-        while back.calls:
-            cmd, kw, d = back.calls.pop(0)
-            got.append(kw["payload"])
-            d.callback({})
+
+        def check(_):
             n = self.daemon.held.count(TOPIC)
             if n == self.limit // 2 + 1:
                 self.assertEqual(self.filters(), [[TH], []], "still filtered out above half")
             if n == self.limit // 2:
                 self.assertEqual(self.filters(), [[TH], [], [TH]], "enabled again at half")
+
+        got = back.answer_all(check)
         self.assertEqual(got, [b"%d" % i for i in range(self.limit + 10)])
 
     def test_gateway_ignoring_the_filter_is_declined(self):
