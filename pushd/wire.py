@@ -19,8 +19,9 @@ FIELD_HEADER = struct.Struct(">BH")
 #: The largest frame either side accepts by default. A Connect with a 4 KiB
 #: certificate chain fits; a Notification carries at most MAX_PAYLOAD.
 MAX_FRAME = 32 * 1024
-#: Payload bytes in one Notification (APNs: 4096, 5120 for VoIP).
-MAX_PAYLOAD = 5120
+#: Payload bytes in one Notification, as APNs limits them.
+MAX_PAYLOAD = 4096
+MAX_PAYLOAD_VOIP = 5120
 MAX_FIELD = 0xFFFF
 
 # Commands

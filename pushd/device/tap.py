@@ -143,5 +143,4 @@ def makeService(options, reactor=None):
     sock = options["socket"].replace(":", r"\:")
     strports.service(f"unix:{sock}:mode=600:lockfile=1", apps).setServiceParent(top)
     log.info("device {device}; app socket {sock}", device=ident.device_id, sock=options["socket"])
-    top.daemon = daemon
     return top

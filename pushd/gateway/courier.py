@@ -19,9 +19,6 @@ from pushd import tls, wire
 from pushd.gateway.router import ISession
 from pushd.gateway.tokens import TokenError
 
-MAX_PAYLOAD_ADVERTISED = 4096
-
-
 @implementer(ISession, IPushProducer)
 class CourierServerProtocol(Protocol, TimeoutMixin):
     log = Logger()
@@ -135,7 +132,7 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
         ack = wire.ConnectAck(
             status=wire.STATUS_OK,
             token=self.base_token,
-            max_message_size=MAX_PAYLOAD_ADVERTISED,
+            max_message_size=wire.MAX_PAYLOAD,
             unknown5=b"",
             capabilities=b"",
             server_time=int(f.clock.seconds() * 1000),

@@ -11,10 +11,9 @@ import uuid
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
+from pushd import wire
 from pushd.gateway.router import Rejected
 
-MAX_PAYLOAD = 4096
-MAX_PAYLOAD_VOIP = 5120
 #: Bytes of request body kept at most; beyond this the body is discarded unread.
 MAX_BODY = 64 * 1024
 PUSH_TYPES = {
@@ -143,7 +142,7 @@ class DeviceResource(resource.Resource):
             if len(raw) > 64:
                 raise Rejected(400, "BadCollapseId")
             fields["collapse_id"] = raw.decode("utf-8", "replace")
-        limit = MAX_PAYLOAD_VOIP if push_type == b"voip" else MAX_PAYLOAD
+        limit = wire.MAX_PAYLOAD_VOIP if push_type == b"voip" else wire.MAX_PAYLOAD
         if getattr(request, "body_overflow", False):
             raise Rejected(413, "PayloadTooLarge")
         payload = request.content.read()

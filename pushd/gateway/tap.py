@@ -129,6 +129,4 @@ def makeService(options, reactor=None):
         ca=str(pki.ca_path.resolve()),
         key=str((state / "provider.key").resolve()),
     )
-    top.router = router
-    top.courier = courier
     return top
