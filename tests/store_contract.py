@@ -149,6 +149,20 @@ class StoreContract:
         self.assertIsNone((yield self.store.invalidated(t)))
 
     @defer.inlineCallbacks
+    def test_enqueue_refuses_an_invalidated_token(self):
+        """One call answers both questions the provider API asks: valid? stored?"""
+        m = msg(b"a")
+        self.assertIsNone((yield self.store.enqueue(m)))
+        yield self.store.invalidate(m.token, NOW)
+        self.assertEqual((yield self.store.enqueue(msg(b"b"))), NOW)
+        pending = yield self.store.pending(m.device_id, {m.topic_hash}, 10, NOW)
+        self.assertEqual([p.message_id for p in pending], [m.message_id], "nothing stored for the invalid token")
+        yield self.store.revalidate(m.token)
+        self.assertIsNone((yield self.store.enqueue(msg(b"c"))))
+        pending = yield self.store.pending(m.device_id, {m.topic_hash}, 10, NOW)
+        self.assertEqual(len(pending), 2)
+
+    @defer.inlineCallbacks
     def test_presence(self):
         self.assertIsNone((yield self.store.claim(DEV, "node-1")))
         self.assertEqual((yield self.store.where(DEV)), "node-1")

@@ -26,17 +26,17 @@ class EnrolResource(resource.Resource):
         super().__init__()
         self.pki = pki
 
-    def _error(self, request, status, reason):
+    def render_POST(self, request):
+        raw = request.content.read(MAX_CSR + 1)
+        status, body = self.answer(raw, getattr(request, "body_overflow", False), str(request.getClientAddress()))
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"reason": reason}).encode()
+        return body
 
-    def render_POST(self, request):
-        if getattr(request, "body_overflow", False):
-            return self._error(request, 413, "RequestTooLarge")
-        raw = request.content.read(MAX_CSR + 1)
-        if len(raw) > MAX_CSR:
-            return self._error(request, 413, "RequestTooLarge")
+    def answer(self, raw: bytes, overflow: bool, peer: str) -> tuple:
+        """The status and JSON body for one enrolment request, whatever HTTP carried it."""
+        if overflow or len(raw) > MAX_CSR:
+            return _error(413, "RequestTooLarge")
         try:
             body = json.loads(raw)
             csr_pem = body["csr"].encode("ascii")
@@ -44,24 +44,23 @@ class EnrolResource(resource.Resource):
             if not isinstance(mac, str):
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
-            return self._error(request, 400, "BadRequest")
+            return _error(400, "BadRequest")
         secret = self.pki.enrol_secret
         if not hmac.compare_digest(tls.enrol_mac(secret, csr_pem), mac):
-            self.log.warn("enrolment with a wrong secret from {peer}", peer=str(request.getClientAddress()))
-            return self._error(request, 403, "BadEnrolmentSecret")
+            self.log.warn("enrolment with a wrong secret from {peer}", peer=peer)
+            return _error(403, "BadEnrolmentSecret")
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
             if not csr.is_signature_valid:
                 raise ValueError("CSR signature invalid")
             cert = tls.issue_device_cert(self.pki.ca_key, self.pki.ca_cert, csr.public_key())
         except ValueError as e:
-            return self._error(request, 400, f"BadCSR: {e}")
+            return _error(400, f"BadCSR: {e}")
         cert_pem = tls.cert_pem(cert)
         ca_pem = tls.cert_pem(self.pki.ca_cert)
         device_id = tls.device_id_of(cert)
         self.log.info("enrolled device {device}", device=device_id)
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(
+        return 200, json.dumps(
             {
                 "device_id": device_id,
                 "certificate": cert_pem.decode("ascii"),
@@ -69,3 +68,7 @@ class EnrolResource(resource.Resource):
                 "mac": tls.enrol_mac(secret, cert_pem, ca_pem),
             }
         ).encode()
+
+
+def _error(status, reason):
+    return status, json.dumps({"reason": reason}).encode()

@@ -6,8 +6,11 @@ by ALPN or by its preface, HTTP/1.1), authorised by an ES256 JWT (``auth.py``).
 from __future__ import annotations
 
 import json
+import os
 import uuid
+from typing import NamedTuple
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
@@ -36,14 +39,64 @@ class BoundedRequest(server.Request):
         server.Request.handleContentChunk(self, data)
 
 
-def _answer(request, status: int, apns_id: str, reason: str | None = None, **extra):
-    request.defaultContentType = None
-    request.setResponseCode(status)
-    request.setHeader(b"apns-id", apns_id.encode())
+class _Ids:
+    """apns-ids (random UUIDs) from one urandom read per 256: uuid4() was a tenth of a push's cost."""
+
+    def __init__(self):
+        self.buf = b""
+        self.pos = 0
+
+    def new(self) -> tuple:
+        if self.pos >= len(self.buf):
+            self.buf, self.pos = os.urandom(16 * 256), 0
+        b = bytearray(self.buf[self.pos:self.pos + 16])
+        self.pos += 16
+        b[6] = b[6] & 0x0F | 0x40  # version 4
+        b[8] = b[8] & 0x3F | 0x80  # RFC 4122 variant
+        h = b.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}", bytes(b)
+
+
+new_apns_id = _Ids().new
+
+
+class Answer(NamedTuple):
+    """A response, whatever HTTP version carries it."""
+
+    status: int
+    headers: list
+    body: bytes
+
+
+def _answer(status: int, apns_id: str, reason: str | None = None, **extra) -> Answer:
+    headers = [(b"apns-id", apns_id.encode())]
     if reason is None:
-        return b""
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps({"reason": reason, **extra}).encode()
+        return Answer(status, headers, b"")
+    headers.append((b"content-type", b"application/json"))
+    return Answer(status, headers, json.dumps({"reason": reason, **extra}).encode())
+
+
+def _write(answer: Answer, request) -> None:
+    if request._disconnected:
+        return
+    request.defaultContentType = None
+    request.setResponseCode(answer.status)
+    for name, value in answer.headers:
+        request.setHeader(name, value)
+    request.write(answer.body)
+    request.finish()
+
+
+def render(request, answer):
+    """An Answer (or a Deferred of one) onto a twisted.web request."""
+    if isinstance(answer, defer.Deferred):
+        answer.addCallback(_write, request)
+        return server.NOT_DONE_YET
+    request.defaultContentType = None
+    request.setResponseCode(answer.status)
+    for name, value in answer.headers:
+        request.setHeader(name, value)
+    return answer.body
 
 
 class DeviceResource(resource.Resource):
@@ -58,18 +111,28 @@ class DeviceResource(resource.Resource):
         self.team_limit = team_limit
 
     def render(self, request):
-        apns_id = str(uuid.uuid4())
-        raw_id = request.getHeader(b"apns-id")
-        if raw_id is not None:
+        return render(request, self.answer(request.method, request.path, request.getHeader,
+                                           request.content.read(), getattr(request, "body_overflow", False)))
+
+    def answer(self, method: bytes, path: bytes, header, payload: bytes, overflow: bool):
+        """
+        One push request: an Answer now, or a Deferred of one once the store has it.
+        ``header(name)`` gives a request header's value (lower-case name) or None.
+        """
+        raw_id = header(b"apns-id")
+        if raw_id is None:
+            apns_id, id_bytes = new_apns_id()
+        else:
             try:
-                apns_id = str(uuid.UUID(raw_id.decode("ascii")))
+                given = uuid.UUID(raw_id.decode("ascii"))
             except (UnicodeDecodeError, ValueError):
-                return _answer(request, 400, apns_id, "BadMessageId")
-        if request.method != b"POST":
-            return _answer(request, 405, apns_id, "MethodNotAllowed")
+                return _answer(400, new_apns_id()[0], "BadMessageId")
+            apns_id, id_bytes = str(given), given.bytes
+        if method != b"POST":
+            return _answer(405, apns_id, "MethodNotAllowed")
         try:
-            team = self.auth.authenticate(request.getHeader(b"authorization"))
-            token, topic, fields = self.parse(request)
+            team = self.auth.authenticate(header(b"authorization"))
+            token, topic, fields = self.parse(path, header, payload, overflow)
             if not self.auth.allowed(team, topic):
                 raise Rejected(403, "TopicDisallowed")
             if self.team_limit is not None and not self.team_limit.allow(team):
@@ -77,31 +140,19 @@ class DeviceResource(resource.Resource):
             if self.token_limit is not None and not self.token_limit.allow(token):
                 raise Rejected(429, "TooManyRequests")
         except Rejected as e:
-            return _answer(request, e.status, apns_id, e.reason, **e.extra)
-        d = self.router.accept(token, topic, apns_id=uuid.UUID(apns_id), **fields)
-        d.addCallbacks(
-            lambda _: _answer(request, 200, apns_id),
-            lambda f: self._failed(f, request, apns_id),
-        )
-        d.addCallback(self._finish, request)
-        return server.NOT_DONE_YET
+            return _answer(e.status, apns_id, e.reason, **e.extra)
+        d = self.router.accept(token, topic, apns_id=id_bytes, **fields)
+        return d.addCallbacks(lambda _: _answer(200, apns_id), self._failed, errbackArgs=(apns_id,))
 
-    def _failed(self, failure, request, apns_id):
+    def _failed(self, failure, apns_id):
         if failure.check(Rejected):
             e = failure.value
-            return _answer(request, e.status, apns_id, e.reason, **e.extra)
+            return _answer(e.status, apns_id, e.reason, **e.extra)
         self.log.failure("accepting {apns_id} failed", failure, apns_id=apns_id)
-        return _answer(request, 500, apns_id, "InternalServerError")
+        return _answer(500, apns_id, "InternalServerError")
 
-    @staticmethod
-    def _finish(body, request):
-        if request._disconnected:
-            return
-        request.write(body)
-        request.finish()
-
-    def parse(self, request):
-        parts = request.path.split(b"/")
+    def parse(self, path, header, payload, overflow):
+        parts = path.split(b"/")
         if len(parts) != 4 or parts[1:3] != [b"3", b"device"]:
             raise Rejected(404, "BadPath")
         try:
@@ -110,18 +161,18 @@ class DeviceResource(resource.Resource):
             raise Rejected(400, "BadDeviceToken")
         if not token:
             raise Rejected(400, "MissingDeviceToken")
-        topic = request.getHeader(b"apns-topic")
+        topic = header(b"apns-topic")
         if not topic:
             raise Rejected(400, "MissingTopic")
         try:
             topic = topic.decode("ascii")
         except UnicodeDecodeError:
             raise Rejected(400, "BadTopic")
-        push_type = request.getHeader(b"apns-push-type") or b"alert"
+        push_type = header(b"apns-push-type") or b"alert"
         if push_type not in PUSH_TYPES:
             raise Rejected(400, "InvalidPushType")
         fields = {}
-        raw = request.getHeader(b"apns-expiration")
+        raw = header(b"apns-expiration")
         if raw is not None:
             try:
                 fields["expiry"] = int(raw)
@@ -132,21 +183,18 @@ class DeviceResource(resource.Resource):
         else:
             # APNs stores a notification without apns-expiration for a while; keep 30 days.
             fields["expiry"] = int(self.router.now()) + 30 * 86400
-        raw = request.getHeader(b"apns-priority")
+        raw = header(b"apns-priority")
         if raw is not None:
             if raw not in (b"10", b"5", b"1"):
                 raise Rejected(400, "BadPriority")
             fields["priority"] = int(raw)
-        raw = request.getHeader(b"apns-collapse-id")
+        raw = header(b"apns-collapse-id")
         if raw is not None:
             if len(raw) > 64:
                 raise Rejected(400, "BadCollapseId")
             fields["collapse_id"] = raw.decode("utf-8", "replace")
         limit = wire.MAX_PAYLOAD_VOIP if push_type == b"voip" else wire.MAX_PAYLOAD
-        if getattr(request, "body_overflow", False):
-            raise Rejected(413, "PayloadTooLarge")
-        payload = request.content.read()
-        if len(payload) > limit:
+        if overflow or len(payload) > limit:
             raise Rejected(413, "PayloadTooLarge")
         if not payload.strip():
             raise Rejected(400, "PayloadEmpty")
@@ -170,11 +218,19 @@ class Root(resource.Resource):
         self.enrol = enrol
 
     def render(self, request):
-        if request.path.startswith(b"/3/device/"):
-            return self.device.render(request)
-        if self.enrol is not None and request.path == b"/pushd/v1/enrol":
-            return self.enrol.render(request)
-        return _answer(request, 404, str(uuid.uuid4()), "BadPath")
+        body = request.content.read()
+        return render(request, self.answer(request.method, request.path, request.getHeader, body,
+                                           getattr(request, "body_overflow", False), str(request.getClientAddress())))
+
+    def answer(self, method, path, header, body, overflow, peer):
+        if path.startswith(b"/3/device/"):
+            return self.device.answer(method, path, header, body, overflow)
+        if self.enrol is not None and path == b"/pushd/v1/enrol":
+            if method != b"POST":
+                return Answer(405, [(b"content-type", b"application/json")], b'{"reason": "MethodNotAllowed"}')
+            status, out = self.enrol.answer(body, overflow, peer)
+            return Answer(status, [(b"content-type", b"application/json")], out)
+        return _answer(404, new_apns_id()[0], "BadPath")
 
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -182,45 +238,48 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 class PrefaceSniffingChannel(http._GenericHTTPChannelProtocol):
     """
-    twisted.web picks HTTP/2 only when ALPN says h2. APNs also accepts a client that offers
-    no ALPN and opens with the HTTP/2 connection preface (aioapns does): so look at the first
-    24 bytes, and switch this channel to H2Connection when they are the preface.
+    HTTP/1.1 stays with twisted.web; HTTP/2 goes to pushd.gateway.h2. HTTP/2 is chosen by
+    ALPN h2, or, as APNs also accepts from a client that offers no ALPN (aioapns), by the
+    connection opening with the HTTP/2 preface: so look at the first 24 bytes.
     """
 
     _sniffed = b""
 
     def dataReceived(self, data):
-        if self._negotiatedProtocol is None and getattr(self._channel.transport, "negotiatedProtocol", None) != b"h2":
-            self._sniffed += data
-            if len(self._sniffed) < len(H2_PREFACE) and H2_PREFACE.startswith(self._sniffed):
-                return  # could still be the preface
-            data, self._sniffed = self._sniffed, b""
-            if data.startswith(H2_PREFACE):
+        if self._negotiatedProtocol is None:
+            if getattr(self._channel.transport, "negotiatedProtocol", None) == b"h2":
                 self._switch_to_h2()
+            else:
+                self._sniffed += data
+                if len(self._sniffed) < len(H2_PREFACE) and H2_PREFACE.startswith(self._sniffed):
+                    return  # could still be the preface
+                data, self._sniffed = self._sniffed, b""
+                if data.startswith(H2_PREFACE):
+                    self._switch_to_h2()
         return super().dataReceived(data)
 
     def _switch_to_h2(self):
-        # As _GenericHTTPChannelProtocol does on ALPN h2.
-        from twisted.web._http2 import H2Connection
+        from pushd.gateway.h2 import ProviderH2
 
-        network_producer = self._channel._networkProducer
-        network_producer.unregisterProducer()
-        self._channel.setTimeout(None)
-        transport = self._channel.transport
-        self._channel = H2Connection()
-        self._channel.requestFactory = self._requestFactory
-        self._channel.site = self._site
-        self._channel.factory = self._factory
-        self._channel.timeOut = self._timeOut
-        self._channel.callLater = self._callLater
+        http_channel = self._channel
+        http_channel._networkProducer.unregisterProducer()
+        http_channel.setTimeout(None)
+        transport = http_channel.transport
+        self._channel = ProviderH2(self._site.resource, self._callLater, self._timeOut, str(transport.getPeer()))
         self._channel.makeConnection(transport)
-        network_producer.registerProducer(self._channel, True)
         self._negotiatedProtocol = b"h2"
 
 
 class ProviderSite(server.Site):
+    #: One line per request in the log: off by default, a push service takes thousands a second.
+    access_log = False
+
     def protocol(self):
         return PrefaceSniffingChannel(http.HTTPChannel())
+
+    def log(self, request):
+        if self.access_log:
+            super().log(request)
 
 
 def make_site(router, auth, enrol=None, clock=None, token_limit=None, team_limit=None):

@@ -78,42 +78,35 @@ class Router:
 
     # --- the provider side ------------------------------------------------------
 
-    @defer.inlineCallbacks
     def accept(
         self,
         token: bytes,
         topic: str,
         payload: bytes,
-        apns_id: uuid.UUID,
+        apns_id: bytes | uuid.UUID,
         expiry: int = 0,
         priority: int = 10,
         collapse_id: str | None = None,
     ):
+        """Fire once the notification is durable (or needs no storing); fail with Rejected."""
         if self.shutting_down:
-            raise Rejected(503, "Shutdown")
+            return defer.fail(Rejected(503, "Shutdown"))
         try:
             device_id, _ = self.tokens.resolve(token, topic)
         except TokenError as e:
-            raise Rejected(400, e.reason)
-        try:
-            since = yield self.store.invalidated(token)
-        except StoreUnavailable as e:
-            self.log.warn("store unavailable: {why}", why=str(e))
-            raise Rejected(503, "ServiceUnavailable")
-        if since is not None:
-            raise Rejected(410, "Unregistered", timestamp=int(since * 1000))
+            return defer.fail(Rejected(400, e.reason))
         th = wire.topic_hash(topic)
         now = self.now()
-        if expiry and expiry < now:
-            # Already expired: APNs accepts and never delivers it.
-            return
         session = self.sessions.get(device_id)
+        if expiry and expiry < now:
+            # Already expired: APNs accepts and never delivers it (an unregistered token still gets 410).
+            return self.store.invalidated(token).addCallbacks(self._gone, self._unavailable)
         if expiry == 0 and (session is None or not session.wants(th)):
             self.dropped_offline += 1
             self.log.debug("device {device} not reachable now; expiration 0 drops", device=device_id)
-            return
+            return self.store.invalidated(token).addCallbacks(self._gone, self._unavailable)
         message = StoredMessage(
-            message_id=apns_id.bytes,
+            message_id=apns_id.bytes if isinstance(apns_id, uuid.UUID) else apns_id,
             device_id=device_id,
             token=token,
             topic=topic,
@@ -124,15 +117,25 @@ class Router:
             collapse_id=collapse_id,
             received=now,
         )
-        try:
-            yield self.store.enqueue(message)
-        except StoreUnavailable as e:
-            self.log.warn("store unavailable: {why}", why=str(e))
-            raise Rejected(503, "ServiceUnavailable")
+        # The store checks the token's invalidation in the same call (one round trip).
+        return self.store.enqueue(message).addCallbacks(self._stored, self._unavailable, (device_id,))
+
+    def _stored(self, since, device_id):
+        self._gone(since)
         self.accepted += 1
         session = self.sessions.get(device_id)
         if session is not None:
             session.wake()
+
+    @staticmethod
+    def _gone(since):
+        if since is not None:
+            raise Rejected(410, "Unregistered", timestamp=int(since * 1000))
+
+    def _unavailable(self, failure):
+        failure.trap(StoreUnavailable)
+        self.log.warn("store unavailable: {why}", why=failure.getErrorMessage())
+        raise Rejected(503, "ServiceUnavailable")
 
     # --- the courier side -------------------------------------------------------
 

@@ -34,7 +34,9 @@ class IMessageStore(Interface):
 
     def enqueue(message):
         """
-        Persist ``message`` (a StoredMessage); fire once it is durable. The same message id
+        Persist ``message`` (a StoredMessage); fire with None once it is durable. If its
+        token is invalidated (ITokenRegistry), store nothing and fire with the time it was:
+        one call per push, not two, on the provider's hot path. The same message id
         for the same device again replaces the earlier one (a provider's retry). A pending
         message of the same device and topic with the same collapse id is replaced. Beyond
         the per-(device, topic) cap the oldest is dropped and counted.

@@ -26,6 +26,9 @@ class MemoryStore:
     # --- messages ---------------------------------------------------------------
 
     def enqueue(self, m):
+        since = self._invalid.get(m.token)
+        if since is not None:
+            return defer.succeed(since)
         q = self._devices.setdefault(m.device_id, {})
         q.pop(m.message_id, None)
         if m.collapse_id is not None:

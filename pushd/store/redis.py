@@ -70,9 +70,12 @@ local function tidy(base)
 end
 """
 
-# KEYS: expiry, pending, dropped
+# KEYS: expiry, pending, dropped, invalid tokens
 # ARGV: base, id, token, topic, th, payload, expiry, priority, received, per_topic[, collapse id]
+# Returns {1, since} (nothing stored) for an invalidated token, else {0, dropped}.
 _ENQUEUE = _LIB + """
+local since = redis.call('HGET', KEYS[4], ARGV[3])
+if since then return {1, since} end
 local base, mid, th = ARGV[1], ARGV[2], ARGV[5]
 local gone = remove(base, mid, KEYS[1])
 local cid = ARGV[11]
@@ -101,7 +104,7 @@ if over > 0 then
 end
 redis.call('INCRBY', KEYS[2], 1 - gone - dropped)
 tidy(base)
-return dropped
+return {0, dropped}
 """
 
 # ARGV: base, now, limit, topic hashes...
@@ -434,8 +437,8 @@ class RedisStore:
                 m.payload, _num(m.expiry), _num(m.priority), _num(float(m.received)), _num(self.per_topic)]
         if m.collapse_id is not None:
             args.append(m.collapse_id.encode("utf-8"))
-        d = self._script(_ENQUEUE, [self._expiry, self._pending, self._dropped], args, m.device_id)
-        return d.addCallback(lambda _: None)
+        d = self._script(_ENQUEUE, [self._expiry, self._pending, self._dropped, self._invalid], args, m.device_id)
+        return d.addCallback(lambda r: float(r[1]) if int(r[0]) else None)
 
     def pending(self, device_id, topic_hashes, limit, now):
         hashes = sorted(set(topic_hashes))

@@ -168,6 +168,9 @@ class SQLiteStore:
         return self._submit(self._enqueue, m)
 
     def _enqueue(self, db, m):
+        row = db.execute("SELECT since FROM invalid_tokens WHERE token = ?", (m.token,)).fetchone()
+        if row is not None:
+            return row[0]
         db.execute("DELETE FROM messages WHERE device_id = ? AND message_id = ?", (m.device_id, m.message_id))
         if m.collapse_id is not None:
             db.execute(
