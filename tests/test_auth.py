@@ -96,6 +96,16 @@ class AuthTests(unittest.TestCase):
         self.assertEqual(self.auth.authenticate(self.bearer(token)), "TEAM2")
         self.assertTrue(self.auth.allowed("TEAM2", "com.example.two"))
 
+    def test_new_key_works_at_once(self):
+        """pushctl keys add, then a push right away: an unknown kid makes it look again."""
+        self.auth.authenticate(self.bearer(make_jwt(self.key, "KEY1", "TEAM1", iat=T0)))
+        key2 = tls.new_key("ec")
+        keys = ProviderKeys.load(self.path)
+        keys.add_key("KEY2", "TEAM2", public_pem(key2), ["com.example.two"])
+        keys.save(self.path)
+        token = make_jwt(key2, "KEY2", "TEAM2", iat=T0)
+        self.assertEqual(self.auth.authenticate(self.bearer(token)), "TEAM2")  # no clock.advance
+
     def test_broken_keys_file_keeps_previous(self):
         self.path.write_text("{not json")
         self.clock.advance(2)

@@ -113,10 +113,10 @@ class Authenticator:
     def now(self) -> float:
         return self._clock.seconds() if self._clock is not None else time.time()
 
-    def _reload(self):
-        """Re-read providers.json if it changed (looked at no more than once a second)."""
+    def _reload(self, force=False):
+        """Re-read providers.json if it changed (looked at no more than once a second, unless forced)."""
         now = self.now()
-        if self._checked is not None and now - self._checked < 1.0:
+        if not force and self._checked is not None and now - self._checked < 1.0:
             return
         self._checked = now
         try:
@@ -178,6 +178,9 @@ class Authenticator:
                 raise TypeError("iat is not an integer")
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, binascii.Error):
             raise Rejected(403, "InvalidProviderToken") from None
+        if kid not in self._public:
+            # A key registered a moment ago (pushctl keys add) must work at once: look again.
+            self._reload(force=True)
         if alg != "ES256" or len(sig) != 64 or kid not in self._public:
             raise Rejected(403, "InvalidProviderToken")
         team, public = self._public[kid]
