@@ -90,8 +90,10 @@ def run_scenario(name, params, creds, work):
         }
     if name == "ingest":
         rows = []
-        for protocol, auth in (("h2", "jwt"), ("h1", "jwt"), ("h2", "static")):
-            r = ingest.run(creds, work, store="sqlite", protocol=protocol, auth=auth,
+        # h2load keeps one request at a time on an HTTP/1.1 connection: more connections there.
+        for protocol, auth, store, clients in (("h2", "jwt", "sqlite", 8), ("h2", "jwt", "redis", 8),
+                                               ("h1", "jwt", "sqlite", 64), ("h2", "static", "memory", 8)):
+            r = ingest.run(creds, work, store=store, protocol=protocol, auth=auth, clients=clients,
                            duration=params["duration"], devices=params["devices"])
             log(json.dumps(r))
             rows.append(r)

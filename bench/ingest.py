@@ -28,6 +28,7 @@ import collections
 import json
 import os
 import re
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -102,6 +103,14 @@ def _log_stats(path: Path) -> tuple[dict, dict]:
         return round(times[min(len(times) - 1, int(p / 100 * len(times)))] / 1000, 2) if times else None
 
     return dict(sorted(statuses.items())), {"p50": pct(50), "p99": pct(99), "p999": pct(99.9), "max": pct(100)}
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (all CPUs, /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _stored(store: str, db_path: Path | None, redis_url: str | None):
@@ -200,11 +209,16 @@ def run(creds, work, *, store="sqlite", protocol="h2", auth="jwt", duration=15.0
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=common.pin(common.LOAD_CPUS))
         pids = [gw.pid]
         cpu0, extra0, t0 = common.cpu_seconds(pids), common.cpu_seconds(pids_extra), time.monotonic()
+        busy0, kids0 = _busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=common.pin(common.LOAD_CPUS),
                               timeout=duration + warmup + 60)
         wall = time.monotonic() - t0
         cpu = common.cpu_seconds(pids) - cpu0
         extra_cpu = common.cpu_seconds(pids_extra) - extra0
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        h2load_cpu = (kids.ru_utime + kids.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
+        # Anything else busy on the machine meanwhile (other jobs) makes the figures suspect.
+        other_cpu = _busy_cpu_s() - busy0 - cpu - extra_cpu - h2load_cpu
         if spy is not None:
             spy.wait(timeout=30)
         summary = _h2load_summary(proc.stdout)
@@ -242,6 +256,8 @@ def run(creds, work, *, store="sqlite", protocol="h2", auth="jwt", duration=15.0
         "gateway_cpu_s": round(cpu, 2),
         "gateway_cpu_util": round(cpu / wall, 3),
         "accepted_per_cpu_s": round(ok / cpu, 1) if cpu else None,
+        "h2load_cpu_s": round(h2load_cpu, 2),
+        "other_cpu_s": round(other_cpu, 2),
     }
     if pids_extra:
         result["redis_cpu_s"] = round(extra_cpu, 2)
