@@ -9,7 +9,60 @@ from __future__ import annotations
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+
+log = Logger()
+
+
+def renew_bios(connection) -> bool:
+    """
+    Give a pyOpenSSL memory-BIO ``Connection`` two fresh, empty memory BIOs, freeing the
+    old ones; only when both are drained (nothing is lost). True if it did.
+
+    OpenSSL's memory BIO never shrinks: after a handshake, the one coming in keeps a
+    buffer the size of the ClientHello and the one going out the size of the server's
+    whole first flight (certificate chain included), about 2 KiB per connection that an
+    idle connection never needs again. Fresh BIOs grow only to what later traffic needs.
+    """
+    try:
+        from OpenSSL._util import ffi, lib
+
+        into, out, ssl = connection._into_ssl, connection._from_ssl, connection._ssl
+        if into is None or out is None:
+            return False
+        if lib.BIO_get_mem_data(into, ffi.NULL) or lib.BIO_get_mem_data(out, ffi.NULL):
+            return False
+        new_into = lib.BIO_new(lib.BIO_s_mem())
+        new_out = lib.BIO_new(lib.BIO_s_mem())
+        if new_into == ffi.NULL or new_out == ffi.NULL:
+            for b in (new_into, new_out):
+                if b != ffi.NULL:
+                    lib.BIO_free(b)
+            return False
+        # SSL_set_bio frees the old pair (and points the record layers at the new one).
+        lib.SSL_set_bio(ssl, new_into, new_out)
+        connection._into_ssl, connection._from_ssl = new_into, new_out
+        return True
+    except (ImportError, AttributeError) as e:  # a pyOpenSSL without these internals
+        log.debug("cannot renew TLS BIOs: {e}", e=e)
+        return False
+
+
+class LeanTLSProtocol(BufferingTLSTransport):
+    """Twisted's TLS transport, renewing its memory BIOs once the handshake is over."""
+
+    _biosRenewed = False
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        if self._handshakeDone and not self._biosRenewed and not self._lostTLSConnection:
+            if renew_bios(self._tlsConnection):
+                self._biosRenewed = True
+
+
+class LeanTLSFactory(TLSMemoryBIOFactory):
+    protocol = LeanTLSProtocol
 
 
 class BadListener(ValueError):
@@ -33,7 +86,7 @@ def listener(reactor, description: str, factory, tls_options):
     except (ValueError, KeyError, TypeError) as e:
         raise BadListener(f"bad listener {description!r}: {e}")
     if wants_tls:
-        factory = TLSMemoryBIOFactory(tls_options, False, factory)
+        factory = LeanTLSFactory(tls_options, False, factory)
     svc = StreamServerEndpointService(ep, factory)
     svc._raiseSynchronously = True
     return svc

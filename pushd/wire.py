@@ -77,18 +77,61 @@ class Frame:
 
 
 def encode_frame(frame: Frame) -> bytes:
-    parts = []
-    for fid, value in frame.fields:
+    return _encode(frame.command, frame.fields)
+
+
+def _encode(command: int, pairs) -> bytes:
+    parts = [b""]
+    pack = FIELD_HEADER.pack
+    for fid, value in pairs:
         if not 0 <= fid <= 255:
             raise WireError(f"field id {fid} out of range")
-        if len(value) > MAX_FIELD:
-            raise WireError(f"field {fid} is {len(value)} bytes, over {MAX_FIELD}")
-        parts.append(FIELD_HEADER.pack(fid, len(value)))
+        n = len(value)
+        if n > MAX_FIELD:
+            raise WireError(f"field {fid} is {n} bytes, over {MAX_FIELD}")
+        parts.append(pack(fid, n))
         parts.append(value)
-    body = b"".join(parts)
-    if not 0 <= frame.command <= 255:
-        raise WireError(f"command {frame.command} out of range")
-    return HEADER.pack(frame.command, len(body)) + body
+    if not 0 <= command <= 255:
+        raise WireError(f"command {command} out of range")
+    size = sum(map(len, parts))
+    parts[0] = HEADER.pack(command, size)
+    return b"".join(parts)
+
+
+_U32 = struct.Struct(">BHI")
+_U64 = struct.Struct(">BHQ")
+_U8 = struct.Struct(">BHB")
+
+
+def encode_notification(
+    token: bytes,
+    topic: bytes,
+    payload: bytes,
+    message_id: bytes,
+    expiry: Optional[int] = None,
+    timestamp: Optional[int] = None,
+    priority: Optional[int] = None,
+) -> bytes:
+    """The bytes of ``Notification(...).encode()``, built without the message object
+    (the gateway's fan-out path encodes one per pushed message)."""
+    parts = [b""]
+    append = parts.append
+    pack = FIELD_HEADER.pack
+    for number, value in ((1, token), (2, topic), (3, payload), (4, message_id)):
+        if value is not None:
+            value = bytes(value)
+            if len(value) > MAX_FIELD:
+                raise WireError(f"field {number} is {len(value)} bytes, over {MAX_FIELD}")
+            append(pack(number, len(value)))
+            append(value)
+    if expiry is not None:
+        append(_U32.pack(5, 4, int(expiry)))
+    if timestamp is not None:
+        append(_U64.pack(6, 8, int(timestamp)))
+    if priority is not None:
+        append(_U8.pack(13, 1, int(priority)))
+    parts[0] = HEADER.pack(NOTIFICATION, sum(map(len, parts)))
+    return b"".join(parts)
 
 
 def decode_fields(body: bytes) -> tuple:
@@ -153,66 +196,84 @@ def fid(number: int, kind: str = "bytes", default=None):
     return field(default=default, metadata={"fid": number, "kind": kind})
 
 
+def _spec(cls) -> tuple:
+    """(name, field id, kind, int width) of a message class's wire fields, in order; cached
+    on the class (``dataclasses.fields`` is slow enough to show in the fan-out profile)."""
+    spec = cls.__dict__.get("_SPEC")
+    if spec is None:
+        spec = tuple(
+            (f.name, f.metadata["fid"], f.metadata["kind"], _INT_WIDTH.get(f.metadata["kind"], 0))
+            for f in dc_fields(cls)
+            if "fid" in f.metadata
+        )
+        cls._SPEC = spec
+    return spec
+
+
 class Message:
     COMMAND: ClassVar[int]
     REQUIRED: ClassVar[tuple] = ()
 
-    def to_frame(self) -> Frame:
+    def _pairs(self) -> list:
         out = []
-        for f in dc_fields(self):
-            if "fid" not in f.metadata:
-                continue
-            value = getattr(self, f.name)
+        for name, number, kind, width in _spec(type(self)):
+            value = getattr(self, name)
             if value is None:
                 continue
-            number, kind = f.metadata["fid"], f.metadata["kind"]
             if kind == "list":
                 out.extend((number, v) for v in value)
-            elif kind in _INT_WIDTH:
-                out.append((number, int(value).to_bytes(_INT_WIDTH[kind], "big")))
+            elif width:
+                out.append((number, int(value).to_bytes(width, "big")))
             elif kind == "str":
                 out.append((number, value.encode("utf-8")))
             else:
                 out.append((number, bytes(value)))
-        return Frame(self.COMMAND, tuple(out))
+        return out
+
+    def to_frame(self) -> Frame:
+        return Frame(self.COMMAND, tuple(self._pairs()))
 
     def encode(self) -> bytes:
-        return encode_frame(self.to_frame())
+        return _encode(self.COMMAND, self._pairs())
 
     @classmethod
     def from_frame(cls, frame: Frame):
         if frame.command != cls.COMMAND:
             raise WireError(f"expected command {cls.COMMAND}, got {frame.command}")
+        by_id: dict = {}
+        for i, v in frame.fields:
+            found = by_id.get(i)
+            if found is None:
+                by_id[i] = [v]
+            else:
+                found.append(v)
         values = {}
-        for f in dc_fields(cls):
-            if "fid" not in f.metadata:
-                continue
-            number, kind = f.metadata["fid"], f.metadata["kind"]
-            found = frame.get_all(number)
+        for name, number, kind, width in _spec(cls):
+            found = by_id.get(number, ())
             if kind == "list":
-                values[f.name] = found
+                values[name] = list(found)
                 continue
             if not found:
-                if f.name in cls.REQUIRED:
-                    raise WireError(f"{cls.__name__} lacks field {number} ({f.name})")
+                if name in cls.REQUIRED:
+                    raise WireError(f"{cls.__name__} lacks field {number} ({name})")
                 continue
             if len(found) > 1:
-                raise WireError(f"{cls.__name__} repeats field {number} ({f.name})")
+                raise WireError(f"{cls.__name__} repeats field {number} ({name})")
             raw = found[0]
-            if kind in _INT_WIDTH:
-                if len(raw) != _INT_WIDTH[kind]:
+            if width:
+                if len(raw) != width:
                     raise WireError(
-                        f"{cls.__name__} field {number} ({f.name}) is {len(raw)} bytes,"
-                        f" expected {_INT_WIDTH[kind]}"
+                        f"{cls.__name__} field {number} ({name}) is {len(raw)} bytes,"
+                        f" expected {width}"
                     )
-                values[f.name] = int.from_bytes(raw, "big")
+                values[name] = int.from_bytes(raw, "big")
             elif kind == "str":
                 try:
-                    values[f.name] = raw.decode("utf-8")
+                    values[name] = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     raise WireError(f"{cls.__name__} field {number} is not UTF-8")
             else:
-                values[f.name] = raw
+                values[name] = raw
         return cls(**values)
 
 

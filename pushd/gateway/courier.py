@@ -7,49 +7,86 @@ the connection's own state (identity, filter, messages in flight).
 
 from __future__ import annotations
 
+from types import MappingProxyType
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from pushd import tls, wire
+from pushd.gateway.deadlines import DeadlineWheel
+from pushd.gateway.heap import HeapTrimmer
 from pushd.gateway.router import ISession
 from pushd.gateway.tokens import TokenError
 
+#: Shared, read-only stand-ins for a connection's empty containers: most connections idle
+#: with nothing in flight, so the real dict/sets exist only while they hold something.
+_NO_INFLIGHT = MappingProxyType({})
+_NONE = frozenset()
+
+
 @implementer(ISession, IPushProducer)
-class CourierServerProtocol(Protocol, TimeoutMixin):
+class CourierServerProtocol(Protocol):
     log = Logger()
 
+    # One idle connection is mostly this object: slots, no per-instance dict.
+    __slots__ = (
+        "factory", "transport", "connected", "decoder", "device_id", "base_token", "topics",
+        "inflight", "declined", "_acking", "paused", "_pumping", "_again", "_closing",
+        "_deadline", "_wheelslot",
+    )
+
     def __init__(self):
+        self.factory = None
+        self.transport = None
+        self.connected = 0
         self.decoder = wire.FrameDecoder()
         self.device_id = None
         self.base_token = None
-        self.topics = frozenset()
-        self.inflight: dict = {}
+        self.topics = _NONE
+        #: message id -> stored message, sent and not yet acked (or being deleted).
+        self.inflight = _NO_INFLIGHT
         #: Message ids the device declined on this connection (its app is away and its
         #: queue full); kept in the store, not offered again until the next Filter.
-        self.declined: set = set()
-        self._acking: set = set()
+        self.declined = _NONE
+        self._acking = _NONE
         self.paused = False
         self._pumping = False
         self._again = False
         self._closing = False
+        #: When the connection counts as silent (factory clock), or None; watched by the
+        #: factory's DeadlineWheel (one timer for all connections).
+        self._deadline = None
+        self._wheelslot = None
+
+    @property
+    def peer(self) -> str:
+        return str(self.transport.getPeer())
 
     # --- connection life -----------------------------------------------------
 
     def connectionMade(self):
         f = self.factory
-        self.callLater = f.clock.callLater
         self.setTimeout(f.connect_timeout)
         self.transport.registerProducer(self, True)
-        self.peer = str(self.transport.getPeer())
+        f.churned()
+
+    def setTimeout(self, period):
+        """Close the connection if it is silent for ``period`` seconds (None: never)."""
+        f = self.factory
+        if period is None:
+            self._deadline = None
+            f.deadlines.unwatch(self)
+        else:
+            self._deadline = f.clock.seconds() + period
+            f.deadlines.watch(self)
 
     def connectionLost(self, reason):
         self.setTimeout(None)
         self._closing = True
+        self.factory.churned()
         if self.device_id is not None:
             self.factory.router.detach(self.device_id, self)
             self.log.info(
@@ -94,7 +131,9 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data):
         if self._closing:
             return
-        self.resetTimeout()
+        f = self.factory
+        # Moves the deadline only; the wheel looks at it when its old one is due.
+        self._deadline = f.clock.seconds() + (f.connect_timeout if self.device_id is None else f.silence_timeout)
         try:
             for frame in self.decoder.feed(data):
                 self.frameReceived(wire.parse(frame))
@@ -128,7 +167,7 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
             return self.fail(f"Connect refused: {e}")
         self.device_id = device_id
         self.base_token = f.router.tokens.base_token(device_id)
-        self.setTimeout(f.keepalive_interval * f.grace)
+        self.setTimeout(f.silence_timeout)
         ack = wire.ConnectAck(
             status=wire.STATUS_OK,
             token=self.base_token,
@@ -145,7 +184,7 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
 
     def handle_Filter(self, msg: wire.Filter):
         self.topics = frozenset(msg.enabled) | frozenset(msg.opportunistic)
-        self.declined.clear()
+        self.declined = _NONE
         self.wake()
 
     def handle_ScopedToken(self, msg: wire.ScopedToken):
@@ -182,23 +221,38 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
             return
         if msg.status != wire.STATUS_OK:
             # Not taken: it stays stored, and is offered again after the next Filter.
-            del self.inflight[mid]
+            self._forget(mid)
+            if not self.declined:
+                self.declined = set()
             self.declined.add(mid)
             self.wake()
             return
         self.factory.delivered += 1
         # It stays in flight until the store has deleted it: a pump in between would
         # read it as pending and send it again.
+        if not self._acking:
+            self._acking = set()
         self._acking.add(mid)
 
         def deleted(result):
-            self._acking.discard(mid)
-            self.inflight.pop(mid, None)
+            acking = self._acking
+            if acking:
+                acking.discard(mid)
+                if not acking:
+                    self._acking = _NONE
+            self._forget(mid)
             self.wake()
 
         self.factory.router.ack(self.device_id, mid).addErrback(
             lambda f: self.log.failure("deleting acked message failed", f)
         ).addBoth(deleted)
+
+    def _forget(self, mid):
+        inflight = self.inflight
+        if mid in inflight:
+            del inflight[mid]
+            if not inflight:
+                self.inflight = _NO_INFLIGHT
 
     def handle_Notification(self, msg: wire.Notification):
         # Device-to-server notifications are not a pushd service.
@@ -249,28 +303,37 @@ class CourierServerProtocol(Protocol, TimeoutMixin):
                 if room <= 0:
                     break
                 self._again = False
-                skip = len(self.inflight) + len(self.declined)
-                batch = yield f.router.pending(self.device_id, self.topics, room + skip)
-                sent = 0
+                limit = room + len(self.inflight) + len(self.declined)
+                batch = yield f.router.pending(self.device_id, self.topics, limit)
+                if self._closing:
+                    break
+                inflight = self.inflight
+                declined = self.declined
+                window = f.window
+                frames = []
                 for m in batch:
-                    if self._closing or len(self.inflight) >= f.window:
+                    if len(inflight) >= window:
                         break
-                    if m.message_id in self.inflight or m.message_id in self.declined:
+                    mid = m.message_id
+                    if mid in inflight or mid in declined:
                         continue
-                    self.inflight[m.message_id] = m
-                    self.send(
-                        wire.Notification(
-                            token=m.token,
-                            topic=m.topic_hash,
-                            payload=m.payload,
-                            message_id=m.message_id,
-                            expiry=m.expiry or None,
-                            timestamp=int(m.received * 1e9),
-                            priority=m.priority,
+                    if not inflight:
+                        inflight = self.inflight = {}
+                    inflight[mid] = m
+                    frames.append(
+                        wire.encode_notification(
+                            m.token, m.topic_hash, m.payload, mid,
+                            m.expiry or None, int(m.received * 1e9), m.priority,
                         )
                     )
-                    sent += 1
-                if not sent and not self._again:
+                if frames:
+                    # One write per pass: one TLS record and one send for the batch, not
+                    # one per notification.
+                    self.transport.write(b"".join(frames))
+                elif not self._again:
+                    break
+                if len(batch) < limit and not self._again:
+                    # The store had no more than this; whatever arrives later wakes us.
                     break
         except Exception:
             self.log.failure("pushing to {device} failed", device=self.device_id)
@@ -299,7 +362,23 @@ class CourierFactory(Factory):
         self.keepalive_interval = keepalive_interval
         self.grace = grace
         self.connect_timeout = connect_timeout
+        #: A connected device silent this long is closed.
+        self.silence_timeout = keepalive_interval * grace
+        #: The silence deadlines of all connections, on one timer.
+        self.deadlines = DeadlineWheel(self.clock)
+        #: Returns the heap's free pages to the OS once a burst of connections is over.
+        self.heap = HeapTrimmer(self.clock)
         self.window = window
         self.protocol_errors = 0
         self.auth_failures = 0
         self.delivered = 0
+
+    def churned(self):
+        """A connection came or went."""
+        if self.numPorts:  # listening (not a factory driven by hand, nor one stopped)
+            self.heap.poke()
+
+    def stopFactory(self):
+        # The last listener using this factory stopped: no timer may outlive it.
+        self.deadlines.stop()
+        self.heap.stop()

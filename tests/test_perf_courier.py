@@ -1,0 +1,242 @@
+"""The courier's lean paths: one timer for all silence deadlines, lazily made containers,
+batched fan-out writes, the fast Notification encoder, fresh TLS BIOs after the handshake,
+and the heap trim after connection bursts."""
+
+import uuid
+from pathlib import Path
+
+from OpenSSL import SSL
+from twisted.internet import protocol, task
+from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test import iosim
+from twisted.trial import unittest
+
+from pushd import tls, wire
+from pushd.endpoints import LeanTLSFactory, renew_bios
+from pushd.gateway.deadlines import DeadlineWheel
+from pushd.gateway.heap import HeapTrimmer
+
+from .helpers import Device, Gateway, frames_of
+
+TOPIC = "com.example.app"
+TH = wire.topic_hash(TOPIC)
+
+
+class CountingTransport(StringTransport):
+    writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        super().write(data)
+
+
+class DeadlineTests(unittest.TestCase):
+    def setUp(self):
+        self.gw = Gateway(keepalive_interval=60, grace=3.0)
+
+    def test_one_timer_for_many_connections(self):
+        conns = [self.gw.connection() for _ in range(50)]
+        self.assertEqual(len(self.gw.clock.getDelayedCalls()), 1)
+        self.gw.clock.advance(31)
+        self.assertTrue(all(t.disconnecting for _, t in conns))
+
+    def test_silent_connection_closed_and_no_timer_left(self):
+        proto, t, _ = self.gw.connected(Device())
+        self.gw.clock.advance(179)
+        self.assertFalse(t.disconnecting)
+        self.gw.clock.advance(2)
+        self.assertTrue(t.disconnecting, "silent for keepalive x grace: closed")
+        proto.connectionLost(None)
+        self.assertEqual(self.gw.clock.getDelayedCalls(), [])
+
+    def test_reads_move_the_deadline_without_touching_the_timer(self):
+        proto, t, _ = self.gw.connected(Device())
+        (call,) = self.gw.clock.getDelayedCalls()
+        due = call.getTime()
+        for _ in range(5):
+            self.gw.clock.advance(100)
+            proto.dataReceived(wire.KeepAlive().encode())
+            self.assertFalse(t.disconnecting)
+        self.assertLessEqual(len(self.gw.clock.getDelayedCalls()), 1)
+        self.assertGreater(self.gw.clock.getDelayedCalls()[0].getTime(), due)
+        self.gw.clock.advance(181)
+        self.assertTrue(t.disconnecting)
+
+    def test_closed_connections_leave_no_timer(self):
+        conns = [self.gw.connected(Device()) for _ in range(3)]
+        for proto, t, _ in conns:
+            proto.connectionLost(None)
+        self.assertEqual(self.gw.clock.getDelayedCalls(), [])
+        self.assertEqual(len(self.gw.factory.deadlines), 0)
+
+    def test_stop_factory_cancels(self):
+        self.gw.connection()
+        self.gw.factory.stopFactory()
+        self.assertEqual(self.gw.clock.getDelayedCalls(), [])
+
+    def test_wheel_never_fires_early(self):
+        clock = task.Clock()
+        clock.advance(0.3)
+        wheel = DeadlineWheel(clock, resolution=0.7)
+        fired = []
+
+        class M:
+            _wheelslot = None
+
+            def __init__(self, deadline):
+                self._deadline = deadline
+
+            def timeoutConnection(self):
+                fired.append((self, clock.seconds()))
+
+        members = [M(d) for d in (1.0, 2.1, 2.1000001, 5.0)]
+        for m in members:
+            wheel.watch(m)
+        members[3]._deadline = 9.9  # moved without telling the wheel
+        clock.pump([0.05] * 300)
+        self.assertEqual(sorted(map(id, (m for m, _ in fired))), sorted(map(id, members)))
+        deadlines = dict(zip(map(id, members), (1.0, 2.1, 2.1000001, 9.9)))
+        for m, when in fired:
+            self.assertGreaterEqual(when, deadlines[id(m)])
+            self.assertLess(when, deadlines[id(m)] + 0.7 + 0.05 + 1e-9)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class LazyStateTests(unittest.TestCase):
+    def setUp(self):
+        self.gw = Gateway(window=3)
+        self.dev = Device()
+        self.proto, self.t, _ = self.gw.connected(self.dev)
+        self.token = self.gw.tokens.scoped_token(self.dev.id, TH)
+
+    def push(self, n=1):
+        for i in range(n):
+            self.successResultOf(self.gw.router.accept(
+                self.token, TOPIC, b'{"n":%d}' % i, uuid.uuid4(), expiry=int(self.gw.clock.seconds()) + 3600))
+
+    def test_idle_connection_has_no_dict_and_shares_empty_containers(self):
+        other, _, _ = self.gw.connected(Device())
+        self.assertFalse(hasattr(self.proto, "__dict__") and self.proto.__dict__)
+        self.assertIs(self.proto.inflight, other.inflight)
+        self.assertIs(self.proto.declined, other.declined)
+        self.assertEqual(len(self.proto.inflight), 0)
+
+    def test_containers_return_to_shared_empties(self):
+        empty = self.proto.inflight
+        self.proto.dataReceived(wire.Filter(token=b"x", enabled=[TH]).encode())
+        self.push(2)
+        sent = frames_of(self.t.value())
+        self.t.clear()
+        self.assertEqual(len(self.proto.inflight), 2)
+        self.proto.dataReceived(b"".join(
+            wire.NotificationAck(message_id=m.message_id, status=0).encode() for m in sent))
+        self.assertIs(self.proto.inflight, empty)
+        self.assertEqual(len(self.proto._acking), 0)
+
+    def test_backlog_goes_out_in_one_write(self):
+        self.push(3)
+        t = CountingTransport()
+        proto, _ = self.gw.factory.buildProtocol(None), None
+        proto.makeConnection(t)
+        proto.dataReceived(self.dev.connect(self.gw.clock.seconds()).encode())
+        t.clear()
+        t.writes = 0
+        proto.dataReceived(wire.Filter(token=b"x", enabled=[TH]).encode())
+        self.assertEqual(t.writes, 1)
+        self.assertEqual([type(m) for m in frames_of(t.value())], [wire.Notification] * 3)
+
+
+class EncodeNotificationTests(unittest.TestCase):
+    def test_same_bytes_as_the_message(self):
+        cases = [
+            dict(token=b"t" * 32, topic=b"h" * 20, payload=b"{}", message_id=b"m" * 16,
+                 expiry=1234, timestamp=10**18, priority=10),
+            dict(token=b"t" * 32, topic=b"h" * 20, payload=b"x" * 4096, message_id=b"\x00" * 4,
+                 expiry=None, timestamp=0, priority=None),
+            dict(token=b"", topic=b"", payload=b"", message_id=b"", expiry=0, timestamp=None, priority=5),
+        ]
+        for c in cases:
+            self.assertEqual(wire.encode_notification(**c), wire.Notification(**c).encode())
+
+    def test_field_too_long(self):
+        with self.assertRaises(wire.WireError):
+            wire.encode_notification(b"t", b"h", b"x" * 70000, b"m")
+
+
+class _Echo(protocol.Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+class _Collect(protocol.Protocol):
+    def connectionMade(self):
+        self.got = b""
+
+    def dataReceived(self, data):
+        self.got += data
+
+
+class LeanTLSTests(unittest.TestCase):
+    def setUp(self):
+        self.pki = tls.load_or_create_pki(Path(self.mktemp()), ["localhost"])
+
+    def test_bios_renewed_after_handshake_and_traffic_flows(self):
+        server_factory = LeanTLSFactory(
+            self.pki.server_options(tls.COURIER_ALPN), False, protocol.Factory.forProtocol(_Echo),
+            clock=task.Clock())
+        client_factory = TLSMemoryBIOFactory(
+            tls.client_options("localhost", tls.cert_pem(self.pki.ca_cert), tls.COURIER_ALPN), True,
+            protocol.Factory.forProtocol(_Collect), clock=task.Clock())
+        server = server_factory.buildProtocol(None)
+        client = client_factory.buildProtocol(None)
+        # BufferingTLSTransport flushes writes on its clock; a write-through client keeps it simple.
+        client.write = client._aggregator._write
+        server.write = server._aggregator._write
+        _, _, pump = iosim.connectedServerAndClient(lambda: server, lambda: client, greet=True)
+        self.assertTrue(server._biosRenewed)
+        for i in range(3):
+            client.write(b"ping %d " % i * 300)
+            pump.flush()
+        self.assertEqual(client.wrappedProtocol.got, b"".join(b"ping %d " % i * 300 for i in range(3)))
+
+    def test_not_renewed_while_bytes_are_pending(self):
+        ctx = self.pki.server_options(tls.COURIER_ALPN)
+        conn = SSL.Connection(ctx.getContext(), None)
+        conn.set_accept_state()
+        conn.bio_write(b"\x16\x03\x01")  # a partial record still waiting in the BIO
+        self.assertFalse(renew_bios(conn))
+        fresh = SSL.Connection(ctx.getContext(), None)
+        self.assertTrue(renew_bios(fresh))
+
+
+class HeapTrimmerTests(unittest.TestCase):
+    def test_trims_once_after_the_burst(self):
+        clock = task.Clock()
+        calls = []
+        heap = HeapTrimmer(clock, delay=1.0, trim=calls.append)
+        for _ in range(10):
+            heap.poke()
+            clock.advance(0.5)
+        self.assertEqual(calls, [])
+        clock.advance(1.0)
+        self.assertEqual(calls, [0])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_stop_cancels(self):
+        clock = task.Clock()
+        heap = HeapTrimmer(clock, trim=lambda pad: 1)
+        heap.poke()
+        heap.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_listening_factory_pokes(self):
+        gw = Gateway()
+        gw.factory.doStart()
+        self.addCleanup(gw.factory.doStop)
+        calls = []
+        gw.factory.heap.trim = calls.append
+        proto, t = gw.connection()
+        proto.connectionLost(None)
+        gw.clock.advance(2)
+        self.assertEqual(calls, [0])
