@@ -24,6 +24,9 @@ def positive(kind):
     return coerce
 
 
+_BOOLEAN = {"1": True, "yes": True, "true": True, "on": True, "0": False, "no": False, "false": False, "off": False}
+
+
 class Options(usage.Options):
     """usage.Options with ``--config FILE`` and list-valued options named in ``multi``."""
 
@@ -64,6 +67,13 @@ class Options(usage.Options):
             if name in self.multi:
                 if not self[name]:
                     self[name] = [v.strip() for v in value.replace(",", "\n").splitlines() if v.strip()]
+                continue
+            if name in {f[0] for f in getattr(self, "optFlags", [])}:
+                if not self[name]:  # a flag given on the command line wins
+                    try:
+                        self[name] = int(_BOOLEAN[value.strip().lower()])
+                    except KeyError:
+                        raise usage.UsageError(f"config {path}: {key} = {value!r}: not yes/no, true/false, on/off or 1/0")
                 continue
             if name not in params:
                 raise usage.UsageError(f"config {path}: unknown setting {key!r} in [{self.section}]")

@@ -50,6 +50,14 @@ class ConfigTests(unittest.TestCase):
         with self.assertRaisesRegex(usage.UsageError, "cannot read config"):
             self.parse(["--config", "/nonexistent/pushd.conf"])
 
+    def test_flags_in_config(self):
+        self.assertEqual(self.parse([])["access-log"], 0)
+        self.assertEqual(self.parse(["--config", self.conf("[gateway]\naccess-log = yes\n")])["access-log"], 1)
+        self.assertEqual(self.parse(["--config", self.conf("[gateway]\naccess-log = off\n")])["access-log"], 0)
+        self.assertEqual(self.parse(["--access-log", "--config", self.conf("[gateway]\naccess-log = no\n")])["access-log"], 1)
+        with self.assertRaisesRegex(usage.UsageError, "access-log = 'maybe': not yes/no"):
+            self.parse(["--config", self.conf("[gateway]\naccess-log = maybe\n")])
+
     def test_bad_cli_values(self):
         self.assertRaises(usage.UsageError, self.parse, ["--window", "0"])
         self.assertRaises(usage.UsageError, self.parse, ["--key-type", "dsa"], device_tap.Options)

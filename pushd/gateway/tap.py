@@ -44,6 +44,9 @@ class Options(config.Options):
         ["team-rate", None, 10000.0, "Pushes per second from one team (or the operator key).", config.positive(float)],
         ["team-burst", None, 20000.0, "Pushes from one team allowed in a burst.", config.positive(float)],
     ]
+    optFlags = [
+        ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
+    ]
     multi = {
         "courier": ["tls:5223"],
         "provider": ["tls:2197"],
@@ -112,6 +115,7 @@ def makeService(options, reactor=None):
         team_limit=Buckets(options["team-rate"], options["team-burst"], reactor),
     )
     site.timeOut = options["idle-timeout"]
+    site.access_log = bool(options["access-log"])
     try:
         for desc in options["courier"]:
             listener(reactor, desc, courier, pki.server_options(tls.COURIER_ALPN)).setServiceParent(top)
