@@ -393,10 +393,10 @@ class Fleet:
 async def _serve(conn):
     loop = asyncio.get_running_loop()
     fleet = Fleet()
-    queue: asyncio.Queue = asyncio.Queue()
-    loop.add_reader(conn.fileno(), lambda: queue.put_nowait(conn.recv()))
     while True:
-        cmd, args = await queue.get()
+        # A blocking read in a thread: the pipe must stay blocking (a large message would
+        # be read half if an event loop made it non-blocking).
+        cmd, args = await loop.run_in_executor(None, conn.recv)
         try:
             if cmd == "prepare":
                 fleet.prepare(args)

@@ -116,6 +116,53 @@ def latency_table(res):
                   rows)
 
 
+def targets_table(results):
+    """The issue's targets against this run's figures."""
+    rows = []
+
+    def row(target, measured, met):
+        rows.append([target, measured, "met" if met else ("**missed**" if met is not None else "not measured")])
+
+    mem = results.get("memory", {}).get("results")
+    if mem:
+        a, b = mem["pushd"][-1], mem["mosquitto"][-1]
+        r = a["kib_per_connection"] / b["kib_per_connection"]
+        row("memory per idle TLS connection ≤ 1.0× Mosquitto",
+            f"{r:.2f}× at {_n(a['connections'])} ({a['kib_per_connection']:.1f} vs {b['kib_per_connection']:.1f} KiB)",
+            r <= 1.0)
+        row("moonshot: ≤ 10 KiB per connection", f"{a['kib_per_connection']:.1f} KiB", a["kib_per_connection"] <= 10)
+        top = max(x["connections"] for x in mem["pushd"])
+        row("200k connected TLS devices on one host", f"{_n(top)} held (largest count run)",
+            top >= 200_000 if top >= 200_000 else None)
+    fan = results.get("fanout", {}).get("results")
+    if fan:
+        p, q1, q0 = fan["pushd"], fan["mosquitto_qos1"], fan["mosquitto_qos0"]
+        r1, r0 = p["per_cpu_second"] / q1["per_cpu_second"], p["per_cpu_second"] / q0["per_cpu_second"]
+        row("fan-out with acks ≥ 1.0× Mosquitto QoS 1 per core", f"{r1:.2f}× (per server CPU-second)", r1 >= 1.0)
+        row("fan-out with acks ≥ 0.7× Mosquitto QoS 0 per core", f"{r0:.2f}× (per server CPU-second)", r0 >= 0.7)
+    ing = results.get("ingest", {}).get("results")
+    if ing:
+        x = next(x for x in ing if x["protocol"] == "h2" and x["auth"] == "jwt" and x["store"].startswith("sqlite"))
+        row("≥ 10,000 accepted/s per core over HTTP/2, durable",
+            f"{_n(x['accepted_per_cpu_s'])} per gateway CPU-second ({_n(x['accepted_per_s'])}/s), JWT, SQLite fsync",
+            x["accepted_per_cpu_s"] >= 10_000)
+    lat = results.get("latency", {}).get("results")
+    if lat:
+        for store, r in lat.items():
+            half = next((x for x in r["rows"] if x["fraction"] == 0.5), None)
+            if half:
+                row(f"p99 provider→app ≤ 10 ms at 50% of max rate ({store})",
+                    f"{half['p99_ms']} ms at {_n(half['offered_per_second'])}/s", half["p99_ms"] <= 10)
+    storm = results.get("storm", {}).get("results")
+    if storm:
+        p = storm["pushd"]
+        back = p["back_after_seconds"]
+        row(f"reconnect storm of {_n(p['devices'])} devices back in ≤ 30 s",
+            f"{back} s after the gateways listened again ({p['back_after_restart_began']} s after the stop)"
+            if back is not None else "not all came back", back is not None and back <= 30)
+    return _table(["target", "this run", ""], rows)
+
+
 def machine_line(results):
     m = results.get("machine", {})
     return (f"{m.get('cpus')} cores ({m.get('cpu_model')}), {m.get('memory_gib')} GiB, fd limit "
@@ -174,6 +221,10 @@ def plots(results, docs: Path):
 def write(results, docs: Path):
     plots(results, docs)
     fields = {"machine": machine_line(results)}
+    try:
+        fields["targets_table"] = targets_table(results)
+    except (KeyError, TypeError, IndexError, StopIteration, ZeroDivisionError) as e:
+        fields["targets_table"] = f"_results incomplete: {e!r}_"
     for name, fn in (("memory_table", memory_table), ("connect_table", connect_table),
                      ("storm_table", storm_table), ("fanout_table", fanout_table),
                      ("ingest_table", ingest_table), ("latency_table", latency_table)):
