@@ -25,7 +25,7 @@ DOCS = common.ROOT / "docs"
 RESULTS = DOCS / "benchmarks.json"
 
 FULL = {
-    "memory": {"steps": [10_000, 50_000, 100_000]},
+    "memory": {"steps": [10_000, 50_000, 100_000, 200_000]},
     "storm": {"devices": 50_000, "queued": 10_000},
     "fanout": {"devices": 10_000, "messages": 20},
     "ingest": {"duration": 15.0, "devices": 10_000},

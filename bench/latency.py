@@ -70,21 +70,28 @@ def max_rate(creds, gw, workers, work, devices, duration):
             "per_second": round(s["received"] / elapsed)}
 
 
-def run_store(creds, work, store, devices=1000, duration=10.0, fractions=(0.1, 0.5, 0.9), log=print):
+def run_store(creds, work, store, devices=1000, duration=10.0, fractions=(0.1, 0.5, 0.9), log=print,
+              gateway_args=(), rates=None):
     redis = None
     if store == "redis":
         redis = common.Redis(work).start()
         url = redis.url
+    elif store == "memory":
+        url = "memory"
     else:
         url = f"sqlite:{work}/lat.sqlite3"
-    gw = common.Gateway(creds, work, store=url, name=f"lat-gw-{store}").start()
+    gw = common.Gateway(creds, work, store=url, name=f"lat-gw-{store}", args=gateway_args).start()
     workers = fleet.Workers(2)
     try:
         part = fleet.slices(list(range(devices)), 2)
         workers.call("prepare", lambda k: {"kind": "pushd", "indices": part[k], "ports": [gw.courier_port],
                                            "ca_key": creds.ca_key_pem, "ca_cert": creds.ca_cert_pem})
         workers.call("connect", lambda k: {"concurrency": 64, "filter": True})
-        top = max_rate(creds, gw, workers, work, devices, duration)
+        if rates:  # fixed rates instead of fractions of a measured maximum
+            top = {"per_second": max(rates)}
+            fractions = [r / max(rates) for r in rates]
+        else:
+            top = max_rate(creds, gw, workers, work, devices, duration)
         log(json.dumps({"store": store, "max": top}))
         tokens = [creds.device_token(common.device_id(i)).hex() for i in range(devices)]
         rows = []

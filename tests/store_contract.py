@@ -102,6 +102,22 @@ class StoreContract:
         self.assertEqual(got, [m2])
 
     @defer.inlineCallbacks
+    def test_ack_many_deletes_in_one_call(self):
+        ms = [msg(b"%d" % i) for i in range(5)]
+        for m in ms:
+            yield self.store.enqueue(m)
+        other = msg(b"x", device="ff" * 16)
+        yield self.store.enqueue(other)
+        gone = [m.message_id for m in ms[:3]] + [b"\x09" * 16, other.message_id]
+        n = yield self.store.ack_many(DEV, gone)
+        self.assertEqual(n, 3, "only this device's messages that were there")
+        left = yield self.store.pending(DEV, {ms[0].topic_hash}, 10, NOW)
+        self.assertEqual([m.message_id for m in left], [m.message_id for m in ms[3:]])
+        self.assertEqual(len((yield self.store.pending(other.device_id, {other.topic_hash}, 10, NOW))), 1)
+        self.assertEqual((yield self.store.counters())["pending"], 3)
+        self.assertEqual((yield self.store.ack_many(DEV, [])), 0)
+
+    @defer.inlineCallbacks
     def test_same_id_again_replaces(self):
         m = msg(b"first")
         yield self.put(m)

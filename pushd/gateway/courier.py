@@ -35,7 +35,7 @@ class CourierServerProtocol(Protocol):
     __slots__ = (
         "factory", "transport", "connected", "decoder", "device_id", "base_token", "topics",
         "inflight", "declined", "_acking", "paused", "_pumping", "_again", "_closing",
-        "_deadline", "_wheelslot",
+        "_deadline", "_wheelslot", "_acked",
     )
 
     def __init__(self):
@@ -60,6 +60,8 @@ class CourierServerProtocol(Protocol):
         #: factory's DeadlineWheel (one timer for all connections).
         self._deadline = None
         self._wheelslot = None
+        #: Acked message ids read in this dataReceived, deleted together at its end.
+        self._acked = None
 
     @property
     def peer(self) -> str:
@@ -138,9 +140,11 @@ class CourierServerProtocol(Protocol):
             for frame in self.decoder.feed(data):
                 self.frameReceived(wire.parse(frame))
                 if self._closing:
-                    return
+                    break
         except wire.WireError as e:
             self.fail(str(e))
+        if self._acked:
+            self._delete_acked()
 
     def frameReceived(self, msg):
         if self.device_id is None:
@@ -233,18 +237,26 @@ class CourierServerProtocol(Protocol):
         if not self._acking:
             self._acking = set()
         self._acking.add(mid)
+        if self._acked is None:
+            self._acked = []
+        self._acked.append(mid)
+
+    def _delete_acked(self):
+        """The acks of one read, deleted in one store call (one transaction, one script)."""
+        mids, self._acked = self._acked, None
 
         def deleted(result):
             acking = self._acking
-            if acking:
-                acking.discard(mid)
-                if not acking:
-                    self._acking = _NONE
-            self._forget(mid)
+            for mid in mids:
+                if acking:
+                    acking.discard(mid)
+                self._forget(mid)
+            if not acking:
+                self._acking = _NONE
             self.wake()
 
-        self.factory.router.ack(self.device_id, mid).addErrback(
-            lambda f: self.log.failure("deleting acked message failed", f)
+        self.factory.router.ack_many(self.device_id, mids).addErrback(
+            lambda f: self.log.failure("deleting acked messages failed", f)
         ).addBoth(deleted)
 
     def _forget(self, mid):

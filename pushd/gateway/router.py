@@ -144,3 +144,6 @@ class Router:
 
     def ack(self, device_id: str, message_id: bytes):
         return self.store.ack(device_id, message_id)
+
+    def ack_many(self, device_id: str, message_ids):
+        return self.store.ack_many(device_id, message_ids)

@@ -51,6 +51,12 @@ class IMessageStore(Interface):
     def ack(device_id, message_id):
         """Delete one message; fire with True if it was there."""
 
+    def ack_many(device_id, message_ids):
+        """
+        Delete several messages of one device in one store operation (the acks that
+        arrived in one read); fire with how many were there.
+        """
+
     def expire(now):
         """Delete messages whose (non-zero) expiry is before ``now``; fire with how many."""
 

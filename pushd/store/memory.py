@@ -58,6 +58,16 @@ class MemoryStore:
             del self._devices[device_id]
         return defer.succeed(found)
 
+    def ack_many(self, device_id, message_ids):
+        q = self._devices.get(device_id)
+        n = 0
+        if q is not None:
+            for mid in message_ids:
+                n += q.pop(mid, None) is not None
+            if not q:
+                del self._devices[device_id]
+        return defer.succeed(n)
+
     def expire(self, now):
         n = 0
         for device_id in list(self._devices):

@@ -150,6 +150,17 @@ end
 return n
 """
 
+# KEYS: expiry, pending; ARGV: base, message ids...
+_ACK_MANY = _LIB + """
+local n = 0
+for i = 2, #ARGV do n = n + remove(ARGV[1], ARGV[i], KEYS[1]) end
+if n > 0 then
+  redis.call('DECRBY', KEYS[2], n)
+  tidy(ARGV[1])
+end
+return n
+"""
+
 # KEYS: expiry, pending; ARGV: now, batch. Returns {deleted, index entries looked at}.
 _EXPIRE = _LIB + """
 local members = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
@@ -179,8 +190,8 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-_ENQUEUE, _PENDING, _ACK, _EXPIRE, _CLAIM, _RELEASE = (
-    s.encode() for s in (_ENQUEUE, _PENDING, _ACK, _EXPIRE, _CLAIM, _RELEASE)
+_ENQUEUE, _PENDING, _ACK, _ACK_MANY, _EXPIRE, _CLAIM, _RELEASE = (
+    s.encode() for s in (_ENQUEUE, _PENDING, _ACK, _ACK_MANY, _EXPIRE, _CLAIM, _RELEASE)
 )
 
 
@@ -466,6 +477,13 @@ class RedisStore:
     def ack(self, device_id, message_id):
         d = self._script(_ACK, [self._expiry, self._pending], [self._base(device_id), message_id], device_id)
         return d.addCallback(lambda n: int(n) > 0)
+
+    def ack_many(self, device_id, message_ids):
+        ids = list(message_ids)
+        if not ids:
+            return defer.succeed(0)
+        d = self._script(_ACK_MANY, [self._expiry, self._pending], [self._base(device_id), *ids], device_id)
+        return d.addCallback(int)
 
     @defer.inlineCallbacks
     def expire(self, now):

@@ -217,6 +217,16 @@ class SQLiteStore:
         cur = db.execute("DELETE FROM messages WHERE device_id = ? AND message_id = ?", (device_id, message_id))
         return cur.rowcount > 0
 
+    def ack_many(self, device_id, message_ids):
+        return self._submit(self._ack_many, device_id, list(message_ids))
+
+    @staticmethod
+    def _ack_many(db, device_id, message_ids):
+        cur = db.executemany(
+            "DELETE FROM messages WHERE device_id = ? AND message_id = ?", [(device_id, m) for m in message_ids]
+        )
+        return cur.rowcount
+
     def expire(self, now):
         return self._submit(self._expire, now)
 
