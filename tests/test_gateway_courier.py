@@ -161,8 +161,8 @@ class SessionTests(unittest.TestCase):
         from twisted.internet import defer
 
         gate = defer.Deferred()
-        real_ack = self.gw.store.ack
-        self.gw.store.ack = lambda device, mid: gate.addCallback(lambda _: real_ack(device, mid))
+        real_ack = self.gw.store.ack_many
+        self.gw.store.ack_many = lambda device, mids: gate.addCallback(lambda _: real_ack(device, mids))
         self.proto.dataReceived(wire.Filter(enabled=[TH]).encode())
         self.push(b'{"n":1}')
         (first,) = self.sent()
@@ -172,6 +172,32 @@ class SessionTests(unittest.TestCase):
         gate.callback(None)
         self.assertEqual(self.sent(), [])
         self.assertNotIn(first.message_id, self.proto.inflight)
+
+    def test_acks_of_one_read_deleted_in_one_store_call(self):
+        calls = []
+        real = self.gw.store.ack_many
+        self.gw.store.ack_many = lambda device, mids: calls.append(list(mids)) or real(device, mids)
+        self.proto.dataReceived(wire.Filter(enabled=[TH]).encode())
+        for i in range(3):
+            self.push(b'{"n":%d}' % i)
+        sent = self.sent()
+        self.proto.dataReceived(b"".join(wire.NotificationAck(message_id=n.message_id, status=0).encode() for n in sent))
+        self.assertEqual(calls, [[n.message_id for n in sent]])
+        self.assertEqual(self.successResultOf(self.gw.store.pending(self.dev.id, {TH}, 100, 0)), [])
+
+    def test_queue_read_again_after_the_store_failed(self):
+        from twisted.internet import defer
+
+        from pushd.store.interfaces import StoreUnavailable
+
+        self.push(b'{"n":1}')
+        real = self.gw.store.pending
+        self.gw.store.pending = lambda *a: defer.fail(StoreUnavailable("Redis did not answer"))
+        self.proto.dataReceived(wire.Filter(enabled=[TH]).encode())
+        self.assertEqual(self.sent(), [])
+        self.gw.store.pending = real
+        self.gw.clock.advance(self.gw.factory.retry_delay * 1.5)
+        self.assertEqual([n.payload for n in self.sent()], [b'{"n":1}'])
 
     def test_unacked_resent_on_reconnect(self):
         self.proto.dataReceived(wire.Filter(enabled=[TH]).encode())

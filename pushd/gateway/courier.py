@@ -7,6 +7,8 @@ the connection's own state (identity, filter, messages in flight).
 
 from __future__ import annotations
 
+import random
+
 from types import MappingProxyType
 
 from twisted.internet import defer
@@ -20,6 +22,7 @@ from pushd.gateway.deadlines import DeadlineWheel
 from pushd.gateway.heap import HeapTrimmer
 from pushd.gateway.router import ISession
 from pushd.gateway.tokens import TokenError
+from pushd.store.interfaces import StoreUnavailable
 
 #: Shared, read-only stand-ins for a connection's empty containers: most connections idle
 #: with nothing in flight, so the real dict/sets exist only while they hold something.
@@ -347,6 +350,13 @@ class CourierServerProtocol(Protocol):
                 if len(batch) < limit and not self._again:
                     # The store had no more than this; whatever arrives later wakes us.
                     break
+        except StoreUnavailable as e:
+            # Nothing is lost (it stays stored), but nothing else may wake this device
+            # soon: look again shortly rather than leave its queue until it reconnects.
+            self.log.warn("reading {device}'s queue failed ({why}); retrying in {delay} s",
+                          device=self.device_id, why=str(e), delay=self.factory.retry_delay)
+            # Jittered: the devices that failed together must not come back together.
+            self.factory.clock.callLater(self.factory.retry_delay * random.uniform(0.5, 1.5), self.wake)
         except Exception:
             self.log.failure("pushing to {device} failed", device=self.device_id)
         finally:
@@ -355,6 +365,8 @@ class CourierServerProtocol(Protocol):
 
 class CourierFactory(Factory):
     protocol = CourierServerProtocol
+    #: Seconds before a connection reads its queue again after the store failed to answer.
+    retry_delay = 1.0
 
     def __init__(
         self,

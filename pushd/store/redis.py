@@ -27,6 +27,8 @@ targets a single Redis instance, not Cluster.
 
 from __future__ import annotations
 
+import struct
+
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
@@ -130,14 +132,24 @@ for i = 4, #ARGV do
   end
 end
 table.sort(picked, function(a, b) return a[1] < b[1] end)
+-- One bulk string of length-prefixed fields, not nested arrays: the gateway then parses one
+-- reply per call, not nine per message (txredisapi's reply parser is Python, line by line).
 local out = {}
 for i = 1, math.min(limit, #picked) do
   local mid = picked[i][2]
   local f = redis.call('HMGET', base .. 'm:' .. mid,
                        'token', 'topic', 'th', 'payload', 'exp', 'pri', 'cid', 'rcv')
-  out[i] = {mid, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8]}
+  out[#out + 1] = struct.pack('>I4', #mid) .. mid
+  for k = 1, 8 do
+    local v = f[k]
+    if v then
+      out[#out + 1] = struct.pack('>I4', #v) .. v
+    else
+      out[#out + 1] = struct.pack('>I4', 4294967295)  -- absent (no collapse id)
+    end
+  end
 end
-return out
+return table.concat(out)
 """
 
 # KEYS: expiry, pending; ARGV: base, id
@@ -222,6 +234,29 @@ def parse_url(url: str):
     return parts.hostname, port, db, user, password
 
 
+_LEN = struct.Struct(">I")
+_ABSENT = 0xFFFFFFFF
+
+
+def _unpack(blob) -> list:
+    """_PENDING's reply: messages of nine length-prefixed fields each."""
+    rows, fields, pos, n = [], [], 0, len(blob or b"")
+    while pos < n:
+        (size,) = _LEN.unpack_from(blob, pos)
+        pos += 4
+        if size == _ABSENT:
+            fields.append(None)
+        else:
+            fields.append(blob[pos:pos + size])
+            pos += size
+        if len(fields) == 9:
+            rows.append(fields)
+            fields = []
+    if fields or pos != n:
+        raise StoreUnavailable("Redis returned a malformed pending list")
+    return rows
+
+
 def _num(value) -> bytes:
     # repr() of a float reads back as the same float; ints as themselves.
     return repr(value).encode() if isinstance(value, float) else b"%d" % value
@@ -243,6 +278,7 @@ class RedisStore:
     #: Callers waiting for an answer before new ones are refused at once: bounds memory
     #: while Redis is slow.
     max_queue = 20000
+    max_inflight = 256
     #: Expired messages deleted per script run, so that a purge never blocks Redis long.
     expire_batch = 1000
 
@@ -265,6 +301,7 @@ class RedisStore:
         self._dropped = self._prefix + b":dropped"
         self._invalid = self._prefix + b":invalid"
         self._calls: set = set()  # callers' Deferreds not yet answered
+        self._slots = defer.DeferredSemaphore(self.max_inflight)
         self._tails: dict = {}  # device -> (Deferred its operations run on, how many)
         self._closing = None
         self._retiring: list = []  # disconnect() Deferreds of pools replaced
@@ -356,11 +393,20 @@ class RedisStore:
     def _send(self, op, result, sent):
         if result.called:
             return None
-        conn = yield self._connection()
-        if result.called:
-            return None
-        sent.append(conn)
-        return (yield op(conn))
+        # At most max_inflight commands are with Redis at once; the rest wait here. A burst
+        # (10,000 devices sending Filter together) then cannot queue so much inside Redis
+        # that the commands sent first outlive the timeout and get their connection dropped.
+        yield self._slots.acquire()
+        try:
+            if result.called:
+                return None
+            conn = yield self._connection()
+            if result.called:
+                return None
+            sent.append(conn)
+            return (yield op(conn))
+        finally:
+            self._slots.release()
 
     def _connection(self):
         if self._closing is not None:
@@ -456,7 +502,7 @@ class RedisStore:
         if not hashes or limit <= 0:
             return defer.succeed([])
         d = self._script(_PENDING, [], [self._base(device_id), _num(now), _num(limit), *hashes], device_id)
-        return d.addCallback(lambda rows: [self._message(device_id, row) for row in rows])
+        return d.addCallback(lambda blob: [self._message(device_id, row) for row in _unpack(blob)])
 
     @staticmethod
     def _message(device_id, row):
