@@ -265,7 +265,9 @@ class Mosquitto:
 class Redis:
     def __init__(self, work: Path, cpus=None):
         self.port = free_port()
-        self.work = work
+        # A directory of its own: a Redis started later must not load this one's AOF.
+        self.work = work / f"redis-{self.port}"
+        self.work.mkdir()
         self.cpus = cpus or SERVER_CPU
         self.proc = None
 

@@ -72,6 +72,14 @@ def machine():
     }
 
 
+def _with_redis(work, fn):
+    redis = common.Redis(work).start()
+    try:
+        return fn(redis.url)
+    finally:
+        redis.stop()
+
+
 def run_scenario(name, params, creds, work):
     from bench import fanout, ingest, latency, memory, storm
 
@@ -85,6 +93,7 @@ def run_scenario(name, params, creds, work):
         return {
             "pushd": fanout.run_pushd(creds, work, d, m, log=log),
             "pushd_sqlite": fanout.run_pushd(creds, work, d, m, store=f"sqlite:{work}/fan.sqlite3", log=log),
+            "pushd_redis": _with_redis(work, lambda url: fanout.run_pushd(creds, work, d, m, store=url, log=log)),
             "mosquitto_qos1": fanout.run_mosquitto(creds, work, d, m, qos=1, log=log),
             "mosquitto_qos0": fanout.run_mosquitto(creds, work, d, m, qos=0, log=log),
         }

@@ -84,7 +84,8 @@ def run_pushd(creds, work, devices=10_000, messages=5, store="memory", log=print
         elapsed = s["last_receive"] - t0
         cpu = common.cpu_seconds([gw.pid]) - cpu0
         load = common.cpu_seconds(load_pids) - load0
-        row = {"server": f"pushd ({store} store), acked", "devices": devices, "delivered": s["received"],
+        kind = "Redis" if store.startswith("redis") else store.split(":")[0]
+        row = {"server": f"pushd ({kind} store), acked", "devices": devices, "delivered": s["received"],
                "expected": total, "seconds": round(elapsed, 2),
                "per_second": round(s["received"] / elapsed), "server_cpu_seconds": round(cpu, 2),
                "per_cpu_second": round(s["received"] / cpu) if cpu else None,

@@ -75,7 +75,7 @@ def storm_table(res):
 def fanout_table(res):
     r = res["results"]
     rows = []
-    for key in ("pushd", "pushd_sqlite", "mosquitto_qos1", "mosquitto_qos0"):
+    for key in ("pushd", "pushd_sqlite", "pushd_redis", "mosquitto_qos1", "mosquitto_qos0"):
         x = r.get(key)
         if not x:
             continue
