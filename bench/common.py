@@ -87,6 +87,18 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout=30.0):
         _started.remove(proc)
 
 
+def stop_together(procs, sig=signal.SIGTERM, timeout=30.0):
+    """Signal them all first, then wait: a restart of several servers is one event."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        stop(proc, sig, timeout)
+
+
 def stop_all():
     for proc in list(_started):
         stop(proc, timeout=10)
@@ -204,7 +216,7 @@ class Gateway:
         self.args = list(args)
         self.proc = None
 
-    def start(self, timeout=60.0):
+    def start(self, timeout=60.0, wait=True):
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         argv = [
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
@@ -216,6 +228,11 @@ class Gateway:
             *self.args,
         ]
         self.proc = spawn(argv, cpus=self.cpus, env=env, cwd=self.work)
+        if wait:
+            self.ready(timeout)
+        return self
+
+    def ready(self, timeout=60.0):
         wait_port(self.provider_port, self.proc, timeout)
         wait_port(self.courier_port, self.proc, timeout)
         return self
@@ -237,7 +254,7 @@ class Mosquitto:
         self.persistence = persistence
         self.proc = None
 
-    def start(self):
+    def start(self, wait=True):
         conf = self.work / f"{self.name}.conf"
         store = self.work / f"{self.name}-db"
         store.mkdir(exist_ok=True)
@@ -250,8 +267,12 @@ class Mosquitto:
             + ("user root\n" if os.geteuid() == 0 else "")
         )
         self.proc = spawn([shutil.which("mosquitto"), "-c", str(conf)], cpus=self.cpus)
-        wait_port(self.port, self.proc)
+        if wait:
+            self.ready()
         return self
+
+    def ready(self, timeout=30.0):
+        wait_port(self.port, self.proc, timeout)
 
     def stop(self, sig=signal.SIGTERM):
         if self.proc is not None:

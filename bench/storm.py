@@ -64,10 +64,11 @@ def run(creds, work, kind, devices=50_000, queued=10_000, jitter=1.0, log=print)
             workers.call("options", lambda k: {"filter_on_connect": True, "check_duplicates": True})
         workers.call("reset", lambda k: None)
         t_down = time.time()
+        common.stop_together([s.proc for s in servers])
         for s in servers:
-            s.stop()
+            s.start(wait=False)
         for s in servers:
-            s.start()
+            s.ready()
         t_up = time.time()
         s = _wait(workers, lambda s: s["connects"] >= devices and
                   (kind != "pushd" or s["received"] >= min(queued, devices)), 300)
