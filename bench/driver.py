@@ -3,7 +3,8 @@ Run every benchmark scenario against pushd and Mosquitto in one go, then write
 docs/benchmarks.md (tables from bench/benchmarks.md.in) and the plots beside it.
 
     bench/run              # the full run (about 15 minutes)
-    bench/run --quick      # small counts, to check the machinery (about 2 minutes)
+    bench/run --quick      # small counts, to check the machinery (about 2 minutes); its page
+                           # goes to /tmp/pushd-bench-quick, not over the real one
     bench/run --only fanout,ingest   # some scenarios; the others keep their last results
 
 Raw results go to docs/benchmarks.json, so the report can be rebuilt with --report-only.
@@ -18,11 +19,12 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from bench import common
 
 DOCS = common.ROOT / "docs"
-RESULTS = DOCS / "benchmarks.json"
+QUICK_OUT = Path("/tmp/pushd-bench-quick")
 
 FULL = {
     "memory": {"steps": [10_000, 50_000, 100_000, 200_000]},
@@ -118,7 +120,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small counts, to check the machinery")
     ap.add_argument("--only", help=f"comma-separated scenarios out of {','.join(ORDER)}")
-    ap.add_argument("--report-only", action="store_true", help="rebuild the docs from docs/benchmarks.json")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the page from its benchmarks.json")
+    ap.add_argument("--out", type=Path, help=f"where the page, plots and JSON go [default: docs/, or {QUICK_OUT} "
+                                              "with --quick, so a check never overwrites the real figures]")
     args = ap.parse_args()
     only = args.only.split(",") if args.only else ORDER
     unknown = set(only) - set(ORDER)
@@ -130,7 +134,10 @@ def main():
 
     from bench import report
 
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    out = args.out or (QUICK_OUT if args.quick else DOCS)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "benchmarks.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
     if not args.report_only:
         common.raise_fd_limit()
         params = QUICK if args.quick else FULL
@@ -148,15 +155,15 @@ def main():
                 results[name] = {"params": params[name], "results": run_scenario(name, params[name], creds, work),
                                  "seconds": round(time.monotonic() - t0)}
                 log(f"--- {name} took {results[name]['seconds']} s")
-                RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+                results_path.write_text(json.dumps(results, indent=1) + "\n")
         finally:
             common.stop_all()
         results["total_seconds"] = round(time.monotonic() - started)
         results["date"] = time.strftime("%Y-%m-%d")
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
         log(f"all scenarios took {results['total_seconds']} s")
-    report.write(results, DOCS)
-    log(f"wrote {DOCS / 'benchmarks.md'}")
+    report.write(results, out)
+    log(f"wrote {out / 'benchmarks.md'}")
 
 
 if __name__ == "__main__":
