@@ -383,6 +383,35 @@ class Fleet:
         pub.transport.close()
         return {"published": sent, "seconds": elapsed}
 
+    async def publish_paced(self, port, indices, rate, duration, qos=1, payload_size=64):
+        """Open loop: `rate` messages/s for `duration` s, round robin over the topics, each
+        stamped with its send time; what is due goes out every millisecond."""
+        pub = MqttPublisher(window=1 << 30)
+        await self.loop.create_connection(lambda: pub, "127.0.0.1", port, ssl=self.ctx, server_hostname="localhost")
+        await pub.ready
+        pad = b"x" * max(0, payload_size - 40)
+        topics = [b"d/%d" % i for i in indices]
+        total = int(rate * duration)
+        sent = 0
+        start = time.perf_counter()
+        while sent < total:
+            due = min(total, int((time.perf_counter() - start) * rate) + 1)
+            chunk = []
+            while sent < due:
+                body = b'{"t":%.6f,"p":"%s"}' % (time.time(), pad)
+                chunk.append(mqtt_publish(topics[sent % len(topics)], body, qos, sent % 65535 + 1))
+                sent += 1
+            if chunk:
+                pub.unacked += len(chunk) if qos else 0
+                pub.transport.write(b"".join(chunk))
+            await asyncio.sleep(0.001)
+        elapsed = time.perf_counter() - start
+        deadline = time.monotonic() + 10
+        while qos and pub.unacked > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        pub.transport.close()
+        return {"published": sent, "seconds": elapsed, "rate": sent / elapsed if elapsed else None}
+
     def close(self):
         self.reconnect = False
         for p in self.protos.values():
@@ -425,6 +454,9 @@ async def _serve(conn):
             elif cmd == "publish":
                 fleet.prepare({"kind": "mqtt", "indices": []})
                 result = await fleet.publish(**args)
+            elif cmd == "publish_paced":
+                fleet.prepare({"kind": "mqtt", "indices": []})
+                result = await fleet.publish_paced(**args)
             elif cmd == "close":
                 fleet.close()
                 conn.send(("ok", True))

@@ -124,9 +124,45 @@ def run_store(creds, work, store, devices=1000, duration=10.0, fractions=(0.1, 0
             redis.stop()
 
 
+def run_mosquitto(creds, work, rates, devices=1000, duration=10.0, log=print):
+    """Mosquitto at the same offered rates: QoS 1 publish to subscriber, acked both ways
+    (Mosquitto keeps them in memory: nothing is persisted before its PUBACK)."""
+    mq = common.Mosquitto(creds, work, name="lat-mq").start()
+    workers = fleet.Workers(2)
+    publisher = fleet.Workers(1)
+    try:
+        part = fleet.slices(list(range(devices)), 2)
+        workers.call("prepare", lambda k: {"kind": "mqtt", "indices": part[k], "ports": [mq.port], "qos": 1})
+        workers.call("connect", lambda k: {"concurrency": 64})
+        rows = []
+        for rate in rates:
+            workers.call("reset", lambda k: None)
+            workers.call("options", lambda k: {"timestamps": True})
+            sent = publisher.one(0, "publish_paced", {"port": mq.port, "indices": list(range(devices)),
+                                                      "rate": rate, "duration": duration})
+            s = _drain(workers, sent["published"])
+            workers.call("options", lambda k: {"timestamps": False})
+            lat = workers.stats(latencies=True)["latencies"]
+            row = {"store": "Mosquitto QoS 1 (memory)", "offered_per_second": rate,
+                   "achieved_per_second": round(sent["rate"] or 0, 1), "sent": sent["published"],
+                   "accepted": sent["published"], "delivered": s["received"], "samples": len(lat),
+                   **_percentiles(lat)}
+            log(json.dumps(row))
+            rows.append(row)
+        return {"rows": rows}
+    finally:
+        publisher.close()
+        workers.close()
+        mq.stop()
+
+
 def run_all(creds, work, params, log=print):
-    return {store: run_store(creds, work, store, params["devices"], params["duration"], params["fractions"], log=log)
-            for store in ("sqlite", "redis")}
+    out = {store: run_store(creds, work, store, params["devices"], params["duration"], params["fractions"], log=log)
+           for store in ("sqlite", "redis")}
+    # The same absolute rates as pushd with SQLite, so the rows compare line by line.
+    rates = [x["offered_per_second"] for x in out["sqlite"]["rows"]]
+    out["mosquitto"] = run_mosquitto(creds, work, rates, params["devices"], params["duration"], log=log)
+    return out
 
 
 def main():
