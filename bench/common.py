@@ -164,6 +164,13 @@ def tmpdir(prefix="pushd-bench-") -> Path:
     return path
 
 
+def setup():
+    """For a scenario's command line: the fd limit raised, a work dir, credentials in it."""
+    raise_fd_limit()
+    work = tmpdir()
+    return work, Credentials(work / "state")
+
+
 # --- PKI, tokens, provider credentials -----------------------------------------------------
 
 
@@ -204,7 +211,19 @@ def device_cert(ca_key, ca_cert, public_key, i: int) -> bytes:
 # --- servers -------------------------------------------------------------------------------
 
 
-class Gateway:
+class _Server:
+    proc: subprocess.Popen | None = None
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc is not None:
+            stop(self.proc, sig)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+
+class Gateway(_Server):
     """One pushd gateway process (twistd), its courier and provider ports."""
 
     def __init__(self, creds: Credentials, work: Path, *, store="memory", name="gw", cpus=None, args=()):
@@ -237,16 +256,8 @@ class Gateway:
         wait_port(self.courier_port, self.proc, timeout)
         return self
 
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc is not None:
-            stop(self.proc, sig)
 
-    @property
-    def pid(self):
-        return self.proc.pid
-
-
-class Mosquitto:
+class Mosquitto(_Server):
     def __init__(self, creds: Credentials, work: Path, *, name="mq", cpus=None, persistence=False):
         self.port = free_port()
         self.creds, self.work, self.name = creds, work, name
@@ -273,14 +284,6 @@ class Mosquitto:
 
     def ready(self, timeout=30.0):
         wait_port(self.port, self.proc, timeout)
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc is not None:
-            stop(self.proc, sig)
-
-    @property
-    def pid(self):
-        return self.proc.pid
 
 
 class Redis:

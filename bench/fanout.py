@@ -135,9 +135,7 @@ def main():
     ap.add_argument("--messages", type=int, default=5)
     ap.add_argument("--only", choices=["pushd", "mosquitto"])
     args = ap.parse_args()
-    common.raise_fd_limit()
-    work = common.tmpdir()
-    creds = common.Credentials(work / "state")
+    work, creds = common.setup()
     if args.only != "mosquitto":
         run_pushd(creds, work, args.devices, args.messages)
     if args.only != "pushd":

@@ -171,9 +171,7 @@ def main():
     ap.add_argument("--duration", type=float, default=4.0)
     ap.add_argument("--store", choices=["sqlite", "redis"])
     args = ap.parse_args()
-    common.raise_fd_limit()
-    work = common.tmpdir()
-    creds = common.Credentials(work / "state")
+    work, creds = common.setup()
     for store in ([args.store] if args.store else ["sqlite", "redis"]):
         run_store(creds, work, store, args.devices, args.duration)
 

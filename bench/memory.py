@@ -78,9 +78,7 @@ def main():
     ap.add_argument("--steps", default="2000,5000")
     ap.add_argument("--only", choices=["pushd", "mosquitto"])
     args = ap.parse_args()
-    common.raise_fd_limit()
-    work = common.tmpdir()
-    creds = common.Credentials(work / "state")
+    work, creds = common.setup()
     steps = [int(s) for s in args.steps.split(",")]
     for kind in ([args.only] if args.only else ["pushd", "mosquitto"]):
         run(creds, work, kind, steps)

@@ -95,9 +95,7 @@ def main():
     ap.add_argument("--queued", type=int, default=1000)
     ap.add_argument("--only", choices=["pushd", "mosquitto"])
     args = ap.parse_args()
-    common.raise_fd_limit()
-    work = common.tmpdir()
-    creds = common.Credentials(work / "state")
+    work, creds = common.setup()
     for kind in ([args.only] if args.only else ["pushd", "mosquitto"]):
         run(creds, work, kind, args.devices, args.queued)
 
