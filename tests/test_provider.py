@@ -18,7 +18,7 @@ from twisted.web.http_headers import Headers
 
 from pushd import tls, wire
 from pushd.gateway.auth import Authenticator, ProviderKeys
-from pushd.gateway.enrol import EnrolResource
+from pushd.gateway.enrol import Enrolment
 from pushd.gateway.provider import make_site
 from pushd.gateway.router import Router
 from pushd.gateway.tokens import TokenMinter
@@ -47,7 +47,7 @@ class ServerMixin:
         keys.add_key("KEY2", "TEAM2", public, ["com.example.other"])
         keys.save(keys_path)
         self.auth = Authenticator(keys_path, [self.pki.provider_key])
-        self.site = make_site(self.router, self.auth, EnrolResource(self.pki))
+        self.site = make_site(self.router, self.auth, Enrolment(self.pki))
         factory = TLSMemoryBIOFactory(self.pki.server_options(tls.PROVIDER_ALPN), False, self.site)
         self.port = yield endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
         self.addCleanup(self.port.stopListening)

@@ -11,27 +11,19 @@ import json
 
 from cryptography import x509
 from twisted.logger import Logger
-from twisted.web import resource
 
 from pushd import tls
 
 MAX_CSR = 16 * 1024
 
 
-class EnrolResource(resource.Resource):
-    isLeaf = True
+class Enrolment:
+    """``POST /pushd/v1/enrol``, whatever HTTP version carries it (the provider Root routes here)."""
+
     log = Logger()
 
     def __init__(self, pki):
-        super().__init__()
         self.pki = pki
-
-    def render_POST(self, request):
-        raw = request.content.read(MAX_CSR + 1)
-        status, body = self.answer(raw, getattr(request, "body_overflow", False), str(request.getClientAddress()))
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        return body
 
     def answer(self, raw: bytes, overflow: bool, peer: str) -> tuple:
         """The status and JSON body for one enrolment request, whatever HTTP carried it."""

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.web import http, resource, server
 
 from pushd import wire
+from pushd.gateway.h2 import ProviderH2  # at start-up: it builds its HPACK tables on import
 from pushd.gateway.router import Rejected
 
 #: Bytes of request body kept at most; beyond this the body is discarded unread.
@@ -76,22 +77,7 @@ def _answer(status: int, apns_id: str, reason: str | None = None, **extra) -> An
     return Answer(status, headers, json.dumps({"reason": reason, **extra}).encode())
 
 
-def _write(answer: Answer, request) -> None:
-    if request._disconnected:
-        return
-    request.defaultContentType = None
-    request.setResponseCode(answer.status)
-    for name, value in answer.headers:
-        request.setHeader(name, value)
-    request.write(answer.body)
-    request.finish()
-
-
-def render(request, answer):
-    """An Answer (or a Deferred of one) onto a twisted.web request."""
-    if isinstance(answer, defer.Deferred):
-        answer.addCallback(_write, request)
-        return server.NOT_DONE_YET
+def _status_and_headers(request, answer: Answer) -> bytes:
     request.defaultContentType = None
     request.setResponseCode(answer.status)
     for name, value in answer.headers:
@@ -99,20 +85,30 @@ def render(request, answer):
     return answer.body
 
 
-class DeviceResource(resource.Resource):
-    isLeaf = True
+def _write(answer: Answer, request) -> None:
+    if not request._disconnected:
+        request.write(_status_and_headers(request, answer))
+        request.finish()
+
+
+def render(request, answer):
+    """An Answer (or a Deferred of one) onto a twisted.web request."""
+    if isinstance(answer, defer.Deferred):
+        answer.addCallback(_write, request)
+        return server.NOT_DONE_YET
+    return _status_and_headers(request, answer)
+
+
+class DeviceAPI:
+    """``POST /3/device/<token>``, whatever HTTP version carries it (Root routes here)."""
+
     log = Logger()
 
     def __init__(self, router, auth, token_limit=None, team_limit=None):
-        super().__init__()
         self.router = router
         self.auth = auth
         self.token_limit = token_limit
         self.team_limit = team_limit
-
-    def render(self, request):
-        return render(request, self.answer(request.method, request.path, request.getHeader,
-                                           request.content.read(), getattr(request, "body_overflow", False)))
 
     def answer(self, method: bytes, path: bytes, header, payload: bytes, overflow: bool):
         """
@@ -259,8 +255,6 @@ class PrefaceSniffingChannel(http._GenericHTTPChannelProtocol):
         return super().dataReceived(data)
 
     def _switch_to_h2(self):
-        from pushd.gateway.h2 import ProviderH2
-
         http_channel = self._channel
         http_channel._networkProducer.unregisterProducer()
         http_channel.setTimeout(None)
@@ -283,7 +277,7 @@ class ProviderSite(server.Site):
 
 
 def make_site(router, auth, enrol=None, clock=None, token_limit=None, team_limit=None):
-    device = DeviceResource(router, auth, token_limit, team_limit)
+    device = DeviceAPI(router, auth, token_limit, team_limit)
     # No form parsing: the API takes JSON bodies, and parsing content types cost every request.
     site = ProviderSite(Root(device, enrol), requestFactory=BoundedRequest, parsePOSTFormSubmission=False)
     if clock is not None:

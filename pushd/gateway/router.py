@@ -142,8 +142,5 @@ class Router:
     def pending(self, device_id: str, topic_hashes, limit: int):
         return self.store.pending(device_id, topic_hashes, limit, self.now())
 
-    def ack(self, device_id: str, message_id: bytes):
-        return self.store.ack(device_id, message_id)
-
     def ack_many(self, device_id: str, message_ids):
         return self.store.ack_many(device_id, message_ids)

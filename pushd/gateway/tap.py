@@ -15,7 +15,7 @@ from pushd import config, tls
 from pushd.endpoints import BadListener, listener
 from pushd.gateway.auth import Authenticator
 from pushd.gateway.courier import CourierFactory
-from pushd.gateway.enrol import EnrolResource
+from pushd.gateway.enrol import Enrolment
 from pushd.gateway.provider import make_site
 from pushd.gateway.ratelimit import Buckets
 from pushd.gateway.router import Router
@@ -110,7 +110,7 @@ def makeService(options, reactor=None):
     )
     auth = Authenticator(state / "providers.json", [pki.provider_key], reactor)
     site = make_site(
-        router, auth, EnrolResource(pki),
+        router, auth, Enrolment(pki),
         token_limit=Buckets(options["token-rate"], options["token-burst"], reactor),
         team_limit=Buckets(options["team-rate"], options["team-burst"], reactor),
     )
