@@ -33,9 +33,18 @@ PROVIDER_ALPN = [b"h2", b"http/1.1"]
 #: How far a Connect nonce's timestamp may be from the gateway's clock.
 NONCE_WINDOW = 300.0
 
+#: The TLS exporter (RFC 5705; RFC 8446 section 7.5) a pushd device signs with its nonce,
+#: binding its Connect to the one TLS connection it travels on (docs/protocol.md).
+CONNECT_EXPORTER_LABEL = b"EXPORTER-pushd-connect"
+CONNECT_EXPORTER_LENGTH = 32
+
 
 class AuthError(Exception):
     """A Connect that does not prove a device identity issued by this gateway's CA."""
+
+
+class NoExporter(Exception):
+    """This connection has no TLS exporter a Connect can safely be bound to."""
 
 
 def _now() -> datetime.datetime:
@@ -166,20 +175,78 @@ def make_nonce(now: float) -> bytes:
     return b"\x00" + struct.pack(">Q", int(now * 1000)) + secrets.token_bytes(8)
 
 
-def sign_nonce(key, nonce: bytes) -> bytes:
+def nonce_time(nonce: bytes) -> float:
+    """The UNIX time a well-formed nonce (checked by verify_connect) was made at."""
+    return struct.unpack(">Q", nonce[1:9])[0] / 1000.0
+
+
+def is_tls(transport) -> bool:
+    """Whether ``transport`` is a Twisted TLS transport (its handle a pyOpenSSL Connection)."""
+    from OpenSSL import SSL
+
+    get = getattr(transport, "getHandle", None)
+    return get is not None and isinstance(get(), SSL.Connection)
+
+
+def session_exporter(transport) -> bytes:
+    """
+    The Connect exporter of the TLS connection under ``transport`` (a Twisted TLS
+    transport), the same on both ends of that connection and on no other.
+    Raises NoExporter with the reason where there is none to trust: not TLS (plain TCP
+    behind a terminating proxy), handshake unfinished, or TLS 1.2 without the extended
+    master secret (RFC 7627: without it a man in the middle can give two connections
+    the same master secret, hence the same exporter). OpenSSL offers and accepts the
+    extension by default, so TLS 1.2 between pushd peers has it.
+    """
+    from OpenSSL import SSL
+
+    if not is_tls(transport):
+        raise NoExporter("not a TLS connection")
+    conn = transport.getHandle()
+    if conn.get_finished() is None or conn.get_peer_finished() is None:
+        raise NoExporter("TLS handshake not finished")
+    if conn.get_protocol_version_name() != "TLSv1.3" and not _extended_master_secret(conn):
+        raise NoExporter(f"{conn.get_protocol_version_name()} without extended master secret")
+    try:
+        return conn.export_keying_material(CONNECT_EXPORTER_LABEL, CONNECT_EXPORTER_LENGTH)
+    except SSL.Error as e:
+        raise NoExporter(f"TLS exporter failed: {e}")
+
+
+def _extended_master_secret(conn) -> bool:
+    """Whether a TLS 1.2 session used RFC 7627's extended master secret (pyOpenSSL has
+    no public call for it; cryptography's bindings do)."""
+    try:
+        from OpenSSL._util import lib
+
+        return lib.SSL_get_extms_support(conn._ssl) == 1
+    except (ImportError, AttributeError):  # unknown: not safe to bind
+        return False
+
+
+def sign_nonce(key, nonce: bytes, exporter: bytes = b"") -> bytes:
+    """The Connect signature: over the nonce alone (APNs), or over nonce || exporter
+    (a pushd device on TLS, Connect field 33 = 1)."""
+    data = nonce + exporter
     if isinstance(key, rsa.RSAPrivateKey):
-        return wire.SIG_RSA_PKCS1_SHA1 + key.sign(nonce, padding.PKCS1v15(), hashes.SHA1())
+        return wire.SIG_RSA_PKCS1_SHA1 + key.sign(data, padding.PKCS1v15(), hashes.SHA1())
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return wire.SIG_ECDSA_SHA256 + key.sign(nonce, ec.ECDSA(hashes.SHA256()))
+        return wire.SIG_ECDSA_SHA256 + key.sign(data, ec.ECDSA(hashes.SHA256()))
     raise ValueError("unsupported key type")
 
 
 def verify_connect(
-    ca_cert: x509.Certificate, cert_der: bytes, nonce: bytes, signature: bytes, now: float
+    ca_cert: x509.Certificate,
+    cert_der: bytes,
+    nonce: bytes,
+    signature: bytes,
+    now: float,
+    exporter: bytes | None = None,
 ) -> str:
     """
     Check a Connect's certificate, nonce and signature; return the device id.
-    Raises AuthError with the reason.
+    With ``exporter`` (a bound Connect) the signature must cover nonce || exporter,
+    else the nonce alone. Raises AuthError with the reason.
     """
     try:
         cert = x509.load_der_x509_certificate(cert_der)
@@ -195,22 +262,25 @@ def verify_connect(
     device_id = device_id_of(cert)
     if len(nonce) != 17 or nonce[0] != 0:
         raise AuthError("nonce is not 0x00 + u64 ms + 8 random bytes")
-    stamp = struct.unpack(">Q", nonce[1:9])[0] / 1000.0
+    stamp = nonce_time(nonce)
     if abs(stamp - now) > NONCE_WINDOW:
         raise AuthError(f"stale nonce ({stamp - now:+.0f} s from server time)")
     public = cert.public_key()
     prefix, sig = signature[:2], signature[2:]
+    data = nonce if exporter is None else nonce + exporter
     try:
         if prefix == wire.SIG_RSA_PKCS1_SHA1 and isinstance(public, rsa.RSAPublicKey):
-            public.verify(sig, nonce, padding.PKCS1v15(), hashes.SHA1())
+            public.verify(sig, data, padding.PKCS1v15(), hashes.SHA1())
         elif prefix == wire.SIG_ECDSA_SHA256 and isinstance(
             public, ec.EllipticCurvePublicKey
         ):
-            public.verify(sig, nonce, ec.ECDSA(hashes.SHA256()))
+            public.verify(sig, data, ec.ECDSA(hashes.SHA256()))
         else:
             raise AuthError("signature scheme does not match the certificate key")
     except InvalidSignature:
-        raise AuthError("bad signature over the nonce")
+        if exporter is None:
+            raise AuthError("bad signature over the nonce")
+        raise AuthError("bad signature over the nonce and this connection's TLS exporter")
     return device_id
 
 

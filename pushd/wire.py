@@ -50,6 +50,10 @@ STATUS_NOT_ALLOWED = 4
 SIG_RSA_PKCS1_SHA1 = b"\x01\x01"
 SIG_ECDSA_SHA256 = b"\x01\x02"
 
+#: Connect field 33 (pushd): what the signature covers besides the nonce. Absent: the
+#: nonce alone (APNs clients). 1: nonce || the connection's TLS exporter (docs/protocol.md).
+BINDING_TLS_EXPORTER = 1
+
 
 class WireError(Exception):
     """Bytes that are not a valid courier frame; the connection must close."""
@@ -290,6 +294,8 @@ class Connect(Message):
     protocol_version: Optional[int] = fid(16, "u16")
     #: pushd extension version (field 32); absent from plain APNs clients.
     pushd_version: Optional[int] = fid(32, "u8")
+    #: pushd: the signature also covers this connection's TLS exporter (BINDING_*).
+    binding: Optional[int] = fid(33, "u8")
 
 
 @dataclass

@@ -13,8 +13,9 @@ from __future__ import annotations
 import random
 
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
-from zope.interface import Interface
+from zope.interface import Interface, implementer
 
 from pushd import tls, wire
 from pushd.device.keepalive import AdaptiveKeepalive
@@ -44,6 +45,7 @@ class ICourierListener(Interface):
         """Its KeepAliveAck came back."""
 
 
+@implementer(IHandshakeListener)
 class CourierClientProtocol(protocol.Protocol):
     log = Logger()
 
@@ -62,8 +64,27 @@ class CourierClientProtocol(protocol.Protocol):
     def connectionMade(self):
         f = self.factory
         self.clock = f.clock
-        now = self.clock.seconds()
-        nonce = tls.make_nonce(now)
+        # Connect must be answered within one keepalive timeout (a TLS handshake included).
+        self._ka_timeout = self.clock.callLater(f.keepalive_timeout, self._dead, "no ConnectAck")
+        if not tls.is_tls(self.transport):
+            self._sendConnect(None)
+        # On TLS, handshakeCompleted sends it: the exporter exists only from then on.
+
+    def handshakeCompleted(self):
+        if self._closing:
+            return
+        try:
+            exporter = tls.session_exporter(self.transport)
+        except tls.NoExporter as e:
+            # Still safe against a replay (the gateway remembers nonce-only nonces), but say so.
+            self.log.warn("Connect not bound to the TLS session ({why}): signing the nonce alone", why=str(e))
+            exporter = None
+        self._sendConnect(exporter)
+
+    def _sendConnect(self, exporter):
+        """Connect, signed over nonce || exporter when there is one (field 33 says so)."""
+        f = self.factory
+        nonce = tls.make_nonce(self.clock.seconds())
         self.send(
             wire.Connect(
                 push_token=f.base_token,
@@ -71,13 +92,12 @@ class CourierClientProtocol(protocol.Protocol):
                 flags=0x41,
                 certificate=f.certificate_der,
                 nonce=nonce,
-                signature=tls.sign_nonce(f.private_key, nonce),
+                signature=tls.sign_nonce(f.private_key, nonce, exporter or b""),
                 protocol_version=11,
                 pushd_version=PUSHD_VERSION,
+                binding=wire.BINDING_TLS_EXPORTER if exporter is not None else None,
             )
         )
-        # Connect must be answered within one keepalive timeout.
-        self._ka_timeout = self.clock.callLater(f.keepalive_timeout, self._dead, "no ConnectAck")
 
     def send(self, message):
         self.transport.write(message.encode())

@@ -15,14 +15,16 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pushd import tls, wire
 from pushd.gateway.deadlines import DeadlineWheel
 from pushd.gateway.heap import HeapTrimmer
+from pushd.gateway.replay import MemoryReplayCache, nonce_key
 from pushd.gateway.router import ISession
 from pushd.gateway.tokens import TokenError
-from pushd.store.interfaces import StoreUnavailable
+from pushd.store.interfaces import ReplayCacheFull, StoreUnavailable
 
 #: Shared, read-only stand-ins for a connection's empty containers: most connections idle
 #: with nothing in flight, so the real dict/sets exist only while they hold something.
@@ -38,7 +40,7 @@ class CourierServerProtocol(Protocol):
     __slots__ = (
         "factory", "transport", "connected", "decoder", "device_id", "base_token", "topics",
         "inflight", "declined", "_acking", "paused", "_pumping", "_again", "_closing",
-        "_deadline", "_wheelslot", "_acked",
+        "_deadline", "_wheelslot", "_acked", "_proving",
     )
 
     def __init__(self):
@@ -65,6 +67,9 @@ class CourierServerProtocol(Protocol):
         self._wheelslot = None
         #: Acked message ids read in this dataReceived, deleted together at its end.
         self._acked = None
+        #: While a Connect's nonce is being looked up in the replay cache: the bytes that
+        #: came meanwhile (reading is paused), handled once it is answered.
+        self._proving = None
 
     @property
     def peer(self) -> str:
@@ -136,13 +141,16 @@ class CourierServerProtocol(Protocol):
     def dataReceived(self, data):
         if self._closing:
             return
+        if self._proving is not None:
+            self._proving.append(data)
+            return
         f = self.factory
         # Moves the deadline only; the wheel looks at it when its old one is due.
         self._deadline = f.clock.seconds() + (f.connect_timeout if self.device_id is None else f.silence_timeout)
         try:
             for frame in self.decoder.feed(data):
                 self.frameReceived(wire.parse(frame))
-                if self._closing:
+                if self._closing or self._proving is not None:
                     break
         except wire.WireError as e:
             self.fail(str(e))
@@ -163,15 +171,59 @@ class CourierServerProtocol(Protocol):
 
     def connectReceived(self, msg: wire.Connect):
         f = self.factory
+        exporter = None
         try:
+            if msg.binding is not None:
+                if msg.binding != wire.BINDING_TLS_EXPORTER:
+                    raise tls.AuthError(f"unknown Connect binding {msg.binding}")
+                try:
+                    # Read here, after the handshake: the Connect is application data.
+                    exporter = tls.session_exporter(self.transport)
+                except tls.NoExporter as e:
+                    raise tls.AuthError(f"Connect bound to its TLS session, but {e}")
             device_id = tls.verify_connect(
-                f.ca_cert, msg.certificate, msg.nonce, msg.signature, f.clock.seconds()
+                f.ca_cert, msg.certificate, msg.nonce, msg.signature, f.clock.seconds(), exporter
             )
         except tls.AuthError as e:
-            f.auth_failures += 1
-            self.send(wire.ConnectAck(status=wire.STATUS_ERROR, max_message_size=0,
-                                      unknown5=b"", capabilities=b"", server_time=0))
-            return self.fail(f"Connect refused: {e}")
+            return self._refuse(str(e))
+        if exporter is not None:
+            # Signed over this connection's exporter: on any other connection the same
+            # bytes fail the signature, and this one takes one Connect. Nothing to remember.
+            return self._accept(device_id, msg)
+        # Signed over the nonce alone (APNs-style): accepted once within the window.
+        d = f.replay_cache.seen(
+            nonce_key(device_id, msg.nonce), tls.nonce_time(msg.nonce) + tls.NONCE_WINDOW
+        )
+        if not d.called:  # a remote cache: hold what follows until it answers
+            self._proving = []
+            self.transport.pauseProducing()
+        d.addBoth(self._nonceChecked, device_id, msg)
+
+    def _nonceChecked(self, seen, device_id, msg):
+        held, self._proving = self._proving, None
+        if self._closing:
+            return
+        if isinstance(seen, Failure):
+            if seen.check(ReplayCacheFull):
+                self._refuse(f"{seen.getErrorMessage()}: nonce-only Connects refused until nonces expire")
+            else:
+                self._refuse(f"replay cache unavailable ({seen.getErrorMessage()})")
+        elif seen:
+            self._refuse("replayed Connect (its nonce was accepted before)")
+        else:
+            self._accept(device_id, msg)
+        if held is not None and not self._closing:
+            self.transport.resumeProducing()
+            self.dataReceived(b"".join(held))
+
+    def _refuse(self, reason: str):
+        self.factory.auth_failures += 1
+        self.send(wire.ConnectAck(status=wire.STATUS_ERROR, max_message_size=0,
+                                  unknown5=b"", capabilities=b"", server_time=0))
+        self.fail(f"Connect refused: {reason}")
+
+    def _accept(self, device_id: str, msg: wire.Connect):
+        f = self.factory
         self.device_id = device_id
         self.base_token = f.router.tokens.base_token(device_id)
         self.setTimeout(f.silence_timeout)
@@ -377,6 +429,7 @@ class CourierFactory(Factory):
         grace: float = 3.0,
         connect_timeout: float = 30.0,
         window: int = 64,
+        replay_cache=None,
     ):
         from twisted.internet import reactor
 
@@ -393,6 +446,8 @@ class CourierFactory(Factory):
         #: Returns the heap's free pages to the OS once a burst of connections is over.
         self.heap = HeapTrimmer(self.clock)
         self.window = window
+        #: Nonces of nonce-only Connects seen inside the window (IReplayCache).
+        self.replay_cache = replay_cache if replay_cache is not None else MemoryReplayCache(clock=self.clock)
         self.protocol_errors = 0
         self.auth_failures = 0
         self.delivered = 0

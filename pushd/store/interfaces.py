@@ -91,3 +91,25 @@ class IPresence(Interface):
 
     def where(device_id):
         """Fire with the node holding the device, or None."""
+
+
+# --- the Connect replay cache (issue 10) --------------------------------------------
+
+
+class ReplayCacheFull(Exception):
+    """No room to remember one more nonce: the Connect is refused, never let through."""
+
+
+class IReplayCache(Interface):
+    """
+    Nonces of nonce-only Connects (APNs-style clients) seen inside the nonce window, so
+    that a captured Connect replayed on another connection is refused. Memory provider:
+    ``pushd.gateway.replay``; a cluster shares one (Redis ``SET key 1 NX EXAT``).
+    """
+
+    def seen(key, expires_at):
+        """
+        Remember ``key`` (bytes) until ``expires_at`` (UNIX seconds). Fire with True if it
+        was already remembered (a replay), False if it is new and now remembered; fail
+        with ReplayCacheFull when it cannot be remembered.
+        """
