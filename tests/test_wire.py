@@ -81,6 +81,17 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(frame.get(2), wire.topic_hash("t"))
         self.assertEqual(frame.get(5), b"\x00\x00\x00\x05")
 
+    def test_connect_binding_field(self):
+        """pushd's binding rides in Connect field 33 as a u8; APNs clients leave it out."""
+        c = wire.Connect(certificate=b"c", nonce=b"n", signature=b"s", pushd_version=1,
+                         binding=wire.BINDING_TLS_EXPORTER)
+        self.assertEqual(c.to_frame().get(33), b"\x01")
+        (frame,) = wire.FrameDecoder().feed(c.encode())
+        self.assertEqual(wire.parse(frame).binding, 1)
+        plain = wire.Connect(certificate=b"c", nonce=b"n", signature=b"s")
+        self.assertIsNone(plain.to_frame().get(33))
+        self.assertIsNone(wire.parse(plain.to_frame()).binding)
+
     def test_field_too_long_to_encode(self):
         with self.assertRaises(wire.WireError):
             wire.encode_frame(wire.Frame(1, ((1, b"x" * 70000),)))

@@ -189,7 +189,7 @@ class CourierServerProtocol(Protocol):
         if exporter is not None:
             # Signed over this connection's exporter: on any other connection the same
             # bytes fail the signature, and this one takes one Connect. Nothing to remember.
-            return self._accept(device_id, msg)
+            return self._accept(device_id, msg, "bound to its TLS session")
         # Signed over the nonce alone (APNs-style): accepted once within the window.
         d = f.replay_cache.seen(
             nonce_key(device_id, msg.nonce), tls.nonce_time(msg.nonce) + tls.NONCE_WINDOW
@@ -209,9 +209,9 @@ class CourierServerProtocol(Protocol):
             else:
                 self._refuse(f"replay cache unavailable ({seen.getErrorMessage()})")
         elif seen:
-            self._refuse("replayed Connect (its nonce was accepted before)")
+            self._refuse(f"replayed Connect of device {device_id} (its nonce was accepted before)")
         else:
-            self._accept(device_id, msg)
+            self._accept(device_id, msg, "nonce only")
         if held is not None and not self._closing:
             self.transport.resumeProducing()
             self.dataReceived(b"".join(held))
@@ -222,7 +222,7 @@ class CourierServerProtocol(Protocol):
                                   unknown5=b"", capabilities=b"", server_time=0))
         self.fail(f"Connect refused: {reason}")
 
-    def _accept(self, device_id: str, msg: wire.Connect):
+    def _accept(self, device_id: str, msg: wire.Connect, proof: str):
         f = self.factory
         self.device_id = device_id
         self.base_token = f.router.tokens.base_token(device_id)
@@ -239,7 +239,8 @@ class CourierServerProtocol(Protocol):
             ack.keepalive_interval = f.keepalive_interval
         self.send(ack)
         f.router.attach(device_id, self)
-        self.log.info("device {device} connected from {peer}", device=device_id, peer=self.peer)
+        self.log.info("device {device} connected from {peer} (Connect {proof})",
+                      device=device_id, peer=self.peer, proof=proof)
 
     def handle_Filter(self, msg: wire.Filter):
         self.topics = frozenset(msg.enabled) | frozenset(msg.opportunistic)

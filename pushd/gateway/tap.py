@@ -17,6 +17,7 @@ from pushd.gateway.auth import Authenticator
 from pushd.gateway.courier import CourierFactory
 from pushd.gateway.enrol import Enrolment
 from pushd.gateway.provider import make_site
+from pushd.gateway.replay import DEFAULT_SIZE as DEFAULT_REPLAY_CACHE_SIZE, MemoryReplayCache
 from pushd.gateway.ratelimit import Buckets
 from pushd.gateway.router import Router
 from pushd.gateway.tokens import TokenMinter
@@ -43,6 +44,8 @@ class Options(config.Options):
         ["token-burst", None, 100.0, "Pushes to one device token allowed in a burst.", config.positive(float)],
         ["team-rate", None, 10000.0, "Pushes per second from one team (or the operator key).", config.positive(float)],
         ["team-burst", None, 20000.0, "Pushes from one team allowed in a burst.", config.positive(float)],
+        # Connect replay (docs/security.md "Connect replay").
+        ["replay-cache-size", None, DEFAULT_REPLAY_CACHE_SIZE, "Nonces of nonce-only (APNs-style) Connects remembered for the 300 s window; when full, such Connects are refused.", config.positive(int)],
     ]
     optFlags = [
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
@@ -107,6 +110,7 @@ def makeService(options, reactor=None):
         keepalive_interval=options["keepalive"],
         grace=options["grace"],
         window=options["window"],
+        replay_cache=MemoryReplayCache(options["replay-cache-size"], reactor),
     )
     auth = Authenticator(state / "providers.json", [pki.provider_key], reactor)
     site = make_site(
