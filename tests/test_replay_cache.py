@@ -78,3 +78,29 @@ class NonceKeyTests(unittest.TestCase):
         self.assertEqual(nonce_key(a, n1), nonce_key(a, n1))
         self.assertEqual(len({nonce_key(a, n1), nonce_key(a, n2), nonce_key(b, n1)}), 3)
         self.assertEqual(len(nonce_key(a, n1)), 16)
+
+
+class OptionTests(unittest.TestCase):
+    def parse(self, argv):
+        from pushd.gateway.tap import Options
+
+        o = Options()
+        o.parseOptions(argv)
+        return o
+
+    def test_default_and_given_size_reach_the_courier(self):
+        from pushd.gateway.tap import makeService
+
+        self.assertEqual(self.parse([])["replay-cache-size"], 100_000)
+        o = self.parse(["--replay-cache-size", "5", "--store", "memory", "--state-dir", self.mktemp(),
+                        "--courier", "tls:0:interface=127.0.0.1", "--provider", "tls:0:interface=127.0.0.1"])
+        top = makeService(o, task.Clock())
+        couriers = [s.factory.wrappedFactory for s in top if hasattr(getattr(s, "factory", None), "wrappedFactory")]
+        self.assertEqual([c.replay_cache.max_entries for c in couriers if hasattr(c, "replay_cache")], [5])
+
+    def test_bad_size_names_the_option(self):
+        from twisted.python import usage
+
+        for bad in ("0", "-1", "many"):
+            with self.assertRaisesRegex(usage.UsageError, "--replay-cache-size must be a whole number of nonces"):
+                self.parse(["--replay-cache-size", bad])

@@ -27,6 +27,20 @@ from pushd.store.interfaces import StoreUnavailable
 log = Logger()
 
 
+def _replay_cache_size(value):
+    """--replay-cache-size: how many nonces; the error names the option (twisted's does not)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--replay-cache-size must be a whole number of nonces, at least 1 (got {value!r})")
+    return n
+
+
+_replay_cache_size.coerceDoc = "At least 1."
+
+
 class Options(config.Options):
     section = "gateway"
     synopsis = "[options]"
@@ -45,7 +59,7 @@ class Options(config.Options):
         ["team-rate", None, 10000.0, "Pushes per second from one team (or the operator key).", config.positive(float)],
         ["team-burst", None, 20000.0, "Pushes from one team allowed in a burst.", config.positive(float)],
         # Connect replay (docs/security.md "Connect replay").
-        ["replay-cache-size", None, DEFAULT_REPLAY_CACHE_SIZE, "Nonces of nonce-only (APNs-style) Connects remembered for the 300 s window; when full, such Connects are refused.", config.positive(int)],
+        ["replay-cache-size", None, DEFAULT_REPLAY_CACHE_SIZE, "Nonces of nonce-only (APNs-style) Connects remembered for the 300 s window; when full, such Connects are refused.", _replay_cache_size],
     ]
     optFlags = [
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
