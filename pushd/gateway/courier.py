@@ -172,6 +172,8 @@ class CourierServerProtocol(Protocol):
             self.send(wire.ConnectAck(status=wire.STATUS_ERROR, max_message_size=0,
                                       unknown5=b"", capabilities=b"", server_time=0))
             return self.fail(f"Connect refused: {e}")
+        if f.registry is not None and not self._registered(msg.certificate, device_id):
+            return
         self.device_id = device_id
         self.base_token = f.router.tokens.base_token(device_id)
         self.setTimeout(f.silence_timeout)
@@ -188,6 +190,18 @@ class CourierServerProtocol(Protocol):
         self.send(ack)
         f.router.attach(device_id, self)
         self.log.info("device {device} connected from {peer}", device=device_id, peer=self.peer)
+
+    def _registered(self, cert_der, device_id) -> bool:
+        """Device lifecycle: only registered, unrevoked certificates connect."""
+        f = self.factory
+        why = f.registry.check(cert_der, device_id, f.clock.seconds())
+        if why is None:
+            return True
+        f.auth_failures += 1
+        self.send(wire.ConnectAck(status=wire.STATUS_ERROR, max_message_size=0,
+                                  unknown5=b"", capabilities=b"", server_time=0))
+        self.fail(f"Connect refused: device {device_id}: {why}")
+        return False
 
     def handle_Filter(self, msg: wire.Filter):
         self.topics = frozenset(msg.enabled) | frozenset(msg.opportunistic)
@@ -292,6 +306,11 @@ class CourierServerProtocol(Protocol):
         self._closing = True
         self._close()
 
+    def revoked(self):
+        self.log.info("device {device} revoked: closing its session", device=self.device_id)
+        self._closing = True
+        self._close()
+
     def pauseProducing(self):
         self.paused = True
 
@@ -377,10 +396,13 @@ class CourierFactory(Factory):
         grace: float = 3.0,
         connect_timeout: float = 30.0,
         window: int = 64,
+        registry=None,
     ):
         from twisted.internet import reactor
 
         self.router = router
+        #: The device registry (IDeviceRegistry), or None: any certificate of the CA connects.
+        self.registry = registry
         self.ca_cert = ca_cert
         self.clock = clock or reactor
         self.keepalive_interval = keepalive_interval
