@@ -216,13 +216,17 @@ class EnrolmentTests(Fixture, unittest.TestCase):
 
 
 class RotationTests(Fixture, unittest.TestCase):
-    def test_rotation_without_grace_refuses_old_secret_at_once(self):
-        old = self.secret
-        new = rotate_secret(self.state, 0, self.clock.seconds())
+    def test_rotation_without_grace_refuses_old_secrets_at_once(self):
+        first = self.secret
+        second = rotate_secret(self.state, 600, self.clock.seconds())  # first kept for a grace...
         self.clock.advance(1.0)  # the files are looked at once a second
+        self.assertEqual(self.ask(enrol_body(first, when=self.clock.seconds()))[0], 200)
+        third = rotate_secret(self.state, 0, self.clock.seconds())  # ...cut short by a rotation without
+        self.clock.advance(1.0)
         t = self.clock.seconds()
-        self.assertEqual(self.ask(enrol_body(old, when=t)), (403, {"reason": "BadEnrolmentSecret"}))
-        self.assertEqual(self.ask(enrol_body(new, when=t))[0], 200)
+        self.assertEqual(self.ask(enrol_body(first, when=t)), (403, {"reason": "BadEnrolmentSecret"}))
+        self.assertEqual(self.ask(enrol_body(second, when=t)), (403, {"reason": "BadEnrolmentSecret"}))
+        self.assertEqual(self.ask(enrol_body(third, when=t))[0], 200)
         self.assertFalse((self.state / "enrol.secret.old").exists())
 
     def test_rotation_with_grace_accepts_old_secret_until_it_ends(self):
