@@ -11,13 +11,13 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from pushd import ctl, tls, wire
+from pushd import ctl, wire
 from pushd.gateway.registry import MAX_LIST, DeviceRegistry
 from pushd.gateway.router import Rejected
 from pushd.store.interfaces import IDeviceRegistry
 from zope.interface.verify import verifyObject
 
-from .helpers import Device, Gateway, frames_of
+from .helpers import Device, Gateway
 
 
 class RegistryTests(unittest.TestCase):
