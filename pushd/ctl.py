@@ -115,6 +115,122 @@ class ListenOptions(usage.Options):
         self["topic"] = topic
 
 
+# --- device lifecycle: pushctl device list|revoke, pushctl enrol-secret rotate ---
+
+
+class DeviceListOptions(usage.Options):
+    optFlags = [["json", "j", "Print JSON."]]
+    optParameters = [
+        ["state-dir", "d", "var/gateway", "The gateway's state dir (devices.sqlite3 is there)."],
+        ["limit", "n", 1000, "Print at most this many certificates, newest first.", int],
+    ]
+
+
+class DeviceRevokeOptions(usage.Options):
+    synopsis = "DEVICE-ID"
+    optParameters = [["state-dir", "d", "var/gateway", "The gateway's state dir (devices.sqlite3 is there)."]]
+
+    def parseArgs(self, device_id):
+        import re
+
+        if not re.fullmatch(r"[0-9a-f]{32}", device_id):
+            raise usage.UsageError(f"{device_id!r} is not a device id (32 lower-case hex characters)")
+        self["device-id"] = device_id
+
+
+class DeviceOptions(usage.Options):
+    subCommands = [
+        ["list", None, DeviceListOptions, "The device certificates the gateway issued."],
+        ["revoke", None, DeviceRevokeOptions, "Revoke a device: its session closes, Connect and pushes are refused."],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("device list or device revoke ID")
+
+
+class EnrolSecretRotateOptions(usage.Options):
+    optParameters = [
+        ["state-dir", "d", "var/gateway", "The gateway's state dir (enrol.secret is there)."],
+        ["grace", None, 0.0, "Seconds the old secret stays accepted [default: 0, not at all].", float],
+    ]
+
+    def postOptions(self):
+        if self["grace"] < 0:
+            raise usage.UsageError("--grace must not be negative")
+
+
+class EnrolSecretOptions(usage.Options):
+    subCommands = [["rotate", None, EnrolSecretRotateOptions, "Make a new enrolment secret."]]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("enrol-secret rotate")
+
+
+def _registry(state_dir):
+    from pushd.gateway.registry import DeviceRegistry
+
+    path = Path(state_dir) / "devices.sqlite3"
+    if not path.exists():
+        raise FileNotFoundError(f"no device registry at {path} (has the gateway run with --state-dir {state_dir}?)")
+    return DeviceRegistry(path)
+
+
+def _utc(t):
+    if t is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def device(o) -> int:
+    from pushd.gateway.registry import RegistryError
+
+    sub = o.subOptions
+    try:
+        registry = _registry(sub["state-dir"])
+    except (FileNotFoundError, RegistryError) as e:
+        print(f"pushctl: {e}", file=sys.stderr)
+        return 2
+    if o.subCommand == "list":
+        rows = registry.certificates(sub["limit"])
+        if sub["json"]:
+            print(json.dumps(rows, indent=1))
+            return 0
+        print(f"{'device id':<33}{'serial':<18}{'issued':<22}{'not after':<22}{'revoked':<22}via")
+        for r in rows:
+            state = _utc(r["revoked_at"]) if r["revoked_at"] is not None else (
+                f"replaced {_utc(r['retired_until'])}" if r["retired_until"] is not None else "-")
+            print(f"{r['device_id']:<33}{r['serial'][:16]:<18}{_utc(r['issued_at']):<22}"
+                  f"{_utc(r['not_after']):<22}{state:<22}{r['via']}")
+        return 0
+    device_id = sub["device-id"]
+    known = registry.device_known(device_id)
+    if not registry.revoke(device_id, time.time()):
+        print(f"device {device_id} was already revoked")
+        return 0
+    print(f"device {device_id} revoked" + ("" if known else
+          " (no certificate of it is in the registry; any it presents is refused)"))
+    return 0
+
+
+def enrol_secret(o) -> int:
+    from pushd.gateway.enrol import rotate_secret
+
+    sub = o.subOptions
+    try:
+        rotate_secret(Path(sub["state-dir"]), sub["grace"], time.time())
+    except OSError as e:
+        print(f"pushctl: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    where = Path(sub["state-dir"]) / "enrol.secret"
+    if sub["grace"] > 0:
+        print(f"new enrolment secret in {where}; the old one is accepted for {sub['grace']:g} s more")
+    else:
+        print(f"new enrolment secret in {where}; the old one is no longer accepted")
+    return 0
+
+
 class Options(usage.Options):
     synopsis = "pushctl COMMAND [options]"
     subCommands = [
@@ -124,6 +240,8 @@ class Options(usage.Options):
         ["keys", None, KeysOptions, "Provider keys for token (JWT) authentication."],
         ["reconnect", None, ReconnectOptions, "Tell the device daemon the network changed: reconnect now."],
         ["unregister", None, UnregisterOptions, "Unregister an app's topic: its token answers 410 from now on."],
+        ["device", None, DeviceOptions, "Issued device certificates: list, revoke (run on the gateway host)."],
+        ["enrol-secret", None, EnrolSecretOptions, "Rotate the gateway's enrolment secret."],
     ]
 
     def postOptions(self):
@@ -399,6 +517,10 @@ def main(argv=None) -> int:
         return 2
     if o.subCommand == "keys":
         return keys(o.subOptions)
+    if o.subCommand == "device":
+        return device(o.subOptions)
+    if o.subCommand == "enrol-secret":
+        return enrol_secret(o.subOptions)
     return {"send": send, "status": status, "listen": listen, "reconnect": reconnect,
             "unregister": unregister}[o.subCommand](o.subOptions)
 

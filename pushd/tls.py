@@ -84,7 +84,7 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int):
+def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: float, backdate: float = 300.0):
     now = _now()
     return (
         x509.CertificateBuilder()
@@ -92,7 +92,7 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int):
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now - datetime.timedelta(seconds=backdate))
         .not_valid_after(now + datetime.timedelta(days=days))
     )
 
@@ -133,10 +133,51 @@ def issue_server_cert(ca_key, ca_cert, hostnames: list, key=None):
     return key, cert
 
 
-def issue_device_cert(ca_key, ca_cert, public_key, device_id: str | None = None):
+#: Device certificates' default lifetime; the device daemon renews at about 2/3 of it.
+DEVICE_CERT_DAYS = 365.0
+#: EC curves accepted for device keys (Connect signs ECDSA-SHA256; P-521 buys nothing here).
+DEVICE_CURVES = ("secp256r1", "secp384r1")
+MIN_RSA_BITS = 2048
+
+
+class KeyPolicyError(ValueError):
+    """A device key this gateway does not accept (too weak, or of another kind)."""
+
+
+def check_device_key(public_key) -> None:
+    """EC P-256/P-384 or RSA >= 2048 bits (odd exponent >= 65537); raise KeyPolicyError otherwise.
+    An RSA-512 key was enrolled and connected before this check (factored in hours)."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if public_key.curve.name not in DEVICE_CURVES:
+            raise KeyPolicyError(f"EC curve {public_key.curve.name} refused: device keys must be EC P-256/P-384 "
+                                 f"or RSA >= {MIN_RSA_BITS} bits")
+        return
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < MIN_RSA_BITS:
+            raise KeyPolicyError(f"RSA key of {public_key.key_size} bits refused: device keys must be "
+                                 f"RSA >= {MIN_RSA_BITS} bits or EC P-256/P-384")
+        e = public_key.public_numbers().e
+        if e < 65537 or e % 2 == 0:
+            raise KeyPolicyError(f"RSA public exponent {e} refused (odd, >= 65537)")
+        return
+    raise KeyPolicyError(f"{type(public_key).__name__} refused: device keys must be EC P-256/P-384 "
+                         f"or RSA >= {MIN_RSA_BITS} bits")
+
+
+def key_fingerprint(public_key) -> str:
+    """SHA-256 of the SubjectPublicKeyInfo: one key, one enrolment (a replayed CSR is refused)."""
+    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def cert_fingerprint(cert_der: bytes) -> str:
+    """What the device registry knows a certificate by: SHA-256 of its DER (cheap on every Connect)."""
+    return hashlib.sha256(cert_der).hexdigest()
+
+
+def issue_device_cert(ca_key, ca_cert, public_key, device_id: str | None = None, days: float = DEVICE_CERT_DAYS):
     """The CA picks the device id; nothing the device claims becomes its identity."""
-    if not isinstance(public_key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
-        raise ValueError("device keys must be RSA or EC")
+    check_device_key(public_key)
     device_id = device_id or uuid.uuid4().hex
     subject = x509.Name(
         [
@@ -144,8 +185,11 @@ def issue_device_cert(ca_key, ca_cert, public_key, device_id: str | None = None)
             x509.NameAttribute(NameOID.COMMON_NAME, device_id),
         ]
     )
+    # Backdated for device clocks a little behind, but never by more than a hundredth of the
+    # lifetime: the device renews at a fraction of not_before..not_after.
+    backdate = min(300.0, days * 86400 / 100)
     return (
-        _builder(subject, ca_cert.subject, public_key, 3650)
+        _builder(subject, ca_cert.subject, public_key, days, backdate)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
@@ -260,6 +304,10 @@ def verify_connect(
     if not cert.not_valid_before_utc <= t <= cert.not_valid_after_utc:
         raise AuthError("certificate outside its validity period")
     device_id = device_id_of(cert)
+    try:
+        check_device_key(cert.public_key())
+    except (KeyPolicyError, ValueError) as e:  # ValueError: a key cryptography cannot load
+        raise AuthError(str(e))
     if len(nonce) != 17 or nonce[0] != 0:
         raise AuthError("nonce is not 0x00 + u64 ms + 8 random bytes")
     stamp = nonce_time(nonce)
@@ -287,12 +335,53 @@ def verify_connect(
 # --- enrolment: the device proves it knows the secret without sending it ---------
 
 
+#: What an enrolment request's MAC covers first: requests of the nonce-less format never verify.
+ENROL_LABEL = b"pushd-enrol-v2"
+
+
+def enrol_request_parts(csr_pem: bytes, nonce: str, when: int) -> tuple:
+    """What an enrolment request's MAC covers: the CSR, its one-time nonce and its time."""
+    return ENROL_LABEL, csr_pem, nonce.encode("ascii"), str(when).encode("ascii")
+
+
 def enrol_mac(secret: bytes, *parts: bytes) -> str:
     h = hmac.new(secret, digestmod=hashlib.sha256)
     for p in parts:
         h.update(struct.pack(">I", len(p)))
         h.update(p)
     return h.hexdigest()
+
+
+# --- renewal: the device proves it holds its current certificate's key ----------
+
+
+def renewal_input(csr_pem: bytes, cert_pem_: bytes, nonce: str, when: int) -> bytes:
+    """What a renewal request signs: length-prefixed, so no field can run into another."""
+    out = b"pushd-renew-v1"
+    for p in (csr_pem, cert_pem_, nonce.encode("ascii"), str(when).encode("ascii")):
+        out += struct.pack(">I", len(p)) + p
+    return out
+
+
+def sign_renewal(key, data: bytes) -> bytes:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+    raise ValueError("unsupported key type")
+
+
+def verify_renewal(public_key, signature: bytes, data: bytes) -> bool:
+    try:
+        if isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
 
 
 # --- the gateway's PKI on disk ---------------------------------------------------

@@ -46,8 +46,8 @@ class Stack:
         self.case.addCleanup(self.gateway.stop)
         return self.gateway.wait_for(r"Site \(TLS\) starting on")
 
-    def start_device(self, name="device"):
-        """Start (or restart) a device daemon; fire when it is connected."""
+    def start_device(self, name="device", *extra: str):
+        """Start (or restart) a device daemon (``extra``: more options); fire when it is connected."""
         p = procs.spawn(
             name,
             procs.TWISTD + [
@@ -58,6 +58,7 @@ class Stack:
                 "--enrol-url", f"https://127.0.0.1:{self.provider_port}",
                 "--enrol-secret-file", str(self.gw_state / "enrol.secret"),
                 "--max-delay", "2",
+                *extra,
             ],
             self.dir,
         )

@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from pushd import tls, wire
 from pushd.device.courier import CourierClientFactory, CourierClientProtocol, ICourierListener
+from pushd.gateway.registry import DeviceRegistry
 from pushd.gateway.tokens import TokenMinter
 
 from .helpers import Device, frames_of
@@ -145,6 +146,10 @@ class ConnectReplayTests(unittest.TestCase):
         ca = (tls.load_key((gw / "ca.key").read_bytes()), x509.load_pem_x509_certificate(self.ca_pem))
         # A real device certificate of this gateway's CA, as enrolment would issue it.
         self.device = Device(ca=ca)
+        # ... and recorded in the gateway's registry, as enrolment does (unrecorded ones are refused).
+        registry = DeviceRegistry(gw / "devices.sqlite3")
+        registry.record_cert(x509.load_der_x509_certificate(self.device.der), "test")
+        registry.close()
         self.tokens = TokenMinter((gw / "token.secret").read_bytes().strip())
 
     @defer.inlineCallbacks

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import secrets
 import ssl
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -23,7 +25,10 @@ from pushd import tls
 
 
 class EnrolError(Exception):
-    pass
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        #: The gateway's HTTP status when it refused, else None (unreachable, bad answer).
+        self.status = status
 
 
 @dataclass
@@ -59,6 +64,7 @@ class Identity:
 
     @classmethod
     def load(cls, state_dir: Path):
+        finish_renewal(state_dir)
         paths = [state_dir / n for n in ("device.key", "device.pem", "ca.pem")]
         if not all(p.exists() for p in paths):
             return None
@@ -109,26 +115,15 @@ def enrol(url: str, secret: bytes, state_dir: Path, key_type: str = "ec", timeou
         .sign(key, hashes.SHA256())
     )
     csr_pem = csr.public_bytes(serialization.Encoding.PEM)
-    body = json.dumps({"csr": csr_pem.decode("ascii"), "mac": tls.enrol_mac(secret, csr_pem)}).encode()
+    nonce, when = secrets.token_hex(16), int(time.time())
+    body = json.dumps({
+        "csr": csr_pem.decode("ascii"), "nonce": nonce, "time": when,
+        "mac": tls.enrol_mac(secret, *tls.enrol_request_parts(csr_pem, nonce, when)),
+    }).encode()
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    req = urllib.request.Request(
-        url.rstrip("/") + "/pushd/v1/enrol", data=body, headers={"content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, context=ctx, timeout=timeout) as resp:
-            answer = json.loads(resp.read(256 * 1024))
-    except urllib.error.HTTPError as e:
-        try:
-            reason = json.loads(e.read(4096)).get("reason")
-        except ValueError:
-            reason = e.reason
-        raise EnrolError(f"gateway refused enrolment: {e.code} {reason}")
-    except (urllib.error.URLError, OSError) as e:
-        raise EnrolError(f"cannot reach the gateway at {url}: {getattr(e, 'reason', e)}")
-    except ValueError:
-        raise EnrolError("gateway's enrolment answer is not JSON")
+    answer = _post(url, body, ctx, timeout, "enrolment")
     try:
         cert_pem = answer["certificate"].encode("ascii")
         ca_pem = answer["ca"].encode("ascii")
@@ -138,3 +133,109 @@ def enrol(url: str, secret: bytes, state_dir: Path, key_type: str = "ec", timeou
     if not hmac.compare_digest(tls.enrol_mac(secret, cert_pem, ca_pem), str(mac)):
         raise EnrolError("enrolment answer fails its MAC: not our gateway, or the secret differs")
     return Identity.create(state_dir, key, x509.load_pem_x509_certificate(cert_pem), ca_pem)
+
+
+def _post(url: str, body: bytes, ctx, timeout: float, what: str) -> dict:
+    req = urllib.request.Request(
+        url.rstrip("/") + "/pushd/v1/enrol", data=body, headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=timeout) as resp:
+            return json.loads(resp.read(256 * 1024))
+    except urllib.error.HTTPError as e:
+        try:
+            reason = json.loads(e.read(4096)).get("reason")
+        except (ValueError, AttributeError):
+            reason = e.reason
+        raise EnrolError(f"gateway refused {what}: {e.code} {reason}", e.code)
+    except (urllib.error.URLError, OSError) as e:
+        raise EnrolError(f"cannot reach the gateway at {url}: {getattr(e, 'reason', e)}")
+    except ValueError:
+        raise EnrolError(f"gateway's {what} answer is not JSON")
+
+
+# --- renewal ----------------------------------------------------------------------------
+#
+# Crash-safe: the new key and certificate are written together to renewal.pem (fsync'd), then
+# device.key and device.pem are replaced from it, then it is removed. A start that finds
+# renewal.pem finishes the switch if it holds a matching key and certificate of the same device,
+# and drops it otherwise: the old identity is never lost half-way.
+
+RENEWAL = "renewal.pem"
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _same_key(key, cert) -> bool:
+    return tls.key_fingerprint(key.public_key()) == tls.key_fingerprint(cert.public_key())
+
+
+def finish_renewal(state_dir: Path):
+    """Complete (or drop) a renewal a previous run left half-done; the certificate now in use."""
+    pending = state_dir / RENEWAL
+    if not pending.exists():
+        return None
+    try:
+        data = pending.read_bytes()
+        key = tls.load_key(data)
+        cert = x509.load_pem_x509_certificate(data)
+        current = x509.load_pem_x509_certificate((state_dir / "device.pem").read_bytes())
+        if not _same_key(key, cert) or tls.device_id_of(cert) != tls.device_id_of(current):
+            raise ValueError("key and certificate do not belong together, or to this device")
+    except (OSError, ValueError, tls.AuthError):
+        pending.unlink()
+        return None
+    _write_durable(state_dir / "device.key", tls.key_pem(key))
+    _write_durable(state_dir / "device.pem", tls.cert_pem(cert))
+    pending.unlink()
+    return cert
+
+
+def renew(url: str, ident: Identity, timeout: float = 30.0, key_type: str | None = None):
+    """
+    A new key and certificate for the same device id, authenticated by the current one (its key
+    signs the request). Blocking (run in a thread). The gateway's TLS is verified against the CA
+    this time. Fires with (key, cert), already on disk.
+    """
+    if key_type is None:
+        key_type = "rsa" if not hasattr(ident.key, "curve") else "ec"
+    key = tls.new_key(key_type)
+    csr_pem = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pushd device")]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    old_pem = tls.cert_pem(ident.cert)
+    nonce, when = secrets.token_hex(16), int(time.time())
+    signature = tls.sign_renewal(ident.key, tls.renewal_input(csr_pem, old_pem, nonce, when))
+    body = json.dumps({
+        "csr": csr_pem.decode("ascii"), "certificate": old_pem.decode("ascii"),
+        "nonce": nonce, "time": when, "signature": signature.hex(),
+    }).encode()
+    ctx = ssl.create_default_context(cadata=ident.ca_pem.decode("ascii"))
+    answer = _post(url, body, ctx, timeout, "renewal")
+    try:
+        cert = x509.load_pem_x509_certificate(answer["certificate"].encode("ascii"))
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ident.ca_pem))
+    except Exception as e:
+        raise EnrolError(f"gateway's renewal answer holds no certificate of our CA: {e!r}")
+    if tls.device_id_of(cert) != ident.device_id or not _same_key(key, cert):
+        raise EnrolError("gateway's renewal answer is not a certificate of this device and key")
+    state = ident.state_dir
+    _write_durable(state / RENEWAL, tls.key_pem(key) + tls.cert_pem(cert))
+    finish_renewal(state)
+    return key, cert

@@ -18,6 +18,7 @@ from pushd.device import transports
 from pushd.device.courier import CourierClientFactory
 from pushd.device.daemon import AppProtocol, DeviceDaemon
 from pushd.device.identity import EnrolError, Identity, enrol
+from pushd.device.renewal import Renewer
 
 log = Logger()
 
@@ -40,6 +41,8 @@ class Options(config.Options):
         ["keepalive-max", None, 600.0, "Longest keepalive interval (s) the adaptive interval may reach.", config.positive(float)],
         ["keepalive-timeout", None, 15.0, "Seconds to wait for a KeepAliveAck before reconnecting.", config.positive(float)],
         ["max-delay", None, 60.0, "Longest backoff between attempts (s).", config.positive(float)],
+        # --- device lifecycle ---
+        ["renew-at", None, 0.667, "Renew the certificate at this fraction of its life (jittered +-0.05), over the enrol URL.", float],
     ]
     multi = {"transport": []}
 
@@ -51,6 +54,8 @@ class Options(config.Options):
         super().postOptions()
         if self["keepalive-min"] > self["keepalive-max"]:
             raise usage.UsageError("--keepalive-min must not be above --keepalive-max")
+        if not 0 < self["renew-at"] < 1:
+            raise usage.UsageError("--renew-at must be between 0 and 1 (a fraction of the certificate's life)")
         if self["key-type"] not in ("ec", "rsa"):
             raise usage.UsageError("--key-type must be ec or rsa")
         g = self["gateway"]
@@ -139,6 +144,7 @@ def makeService(options, reactor=None):
 
     top = service.MultiService()
     CourierService(factory, daemon).setServiceParent(top)
+    Renewer(ident, factory, options["enrol-url"], reactor, options["renew-at"]).setServiceParent(top)
     apps = protocol.Factory.forProtocol(lambda: AppProtocol(daemon))
     sock = options["socket"].replace(":", r"\:")
     strports.service(f"unix:{sock}:mode=600:lockfile=1", apps).setServiceParent(top)

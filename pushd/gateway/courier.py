@@ -186,6 +186,8 @@ class CourierServerProtocol(Protocol):
             )
         except tls.AuthError as e:
             return self._refuse(str(e))
+        if f.registry is not None and not self._registered(msg.certificate, device_id):
+            return
         if exporter is not None:
             # Signed over this connection's exporter: on any other connection the same
             # bytes fail the signature, and this one takes one Connect. Nothing to remember.
@@ -241,6 +243,15 @@ class CourierServerProtocol(Protocol):
         f.router.attach(device_id, self)
         self.log.info("device {device} connected from {peer} (Connect {proof})",
                       device=device_id, peer=self.peer, proof=proof)
+
+    def _registered(self, cert_der, device_id) -> bool:
+        """Device lifecycle: only registered, unrevoked certificates connect."""
+        f = self.factory
+        why = f.registry.check(cert_der, device_id, f.clock.seconds())
+        if why is None:
+            return True
+        self._refuse(f"device {device_id}: {why}")
+        return False
 
     def handle_Filter(self, msg: wire.Filter):
         self.topics = frozenset(msg.enabled) | frozenset(msg.opportunistic)
@@ -345,6 +356,11 @@ class CourierServerProtocol(Protocol):
         self._closing = True
         self._close()
 
+    def revoked(self):
+        self.log.info("device {device} revoked: closing its session", device=self.device_id)
+        self._closing = True
+        self._close()
+
     def pauseProducing(self):
         self.paused = True
 
@@ -431,10 +447,13 @@ class CourierFactory(Factory):
         connect_timeout: float = 30.0,
         window: int = 64,
         replay_cache=None,
+        registry=None,
     ):
         from twisted.internet import reactor
 
         self.router = router
+        #: The device registry (IDeviceRegistry), or None: any certificate of the CA connects.
+        self.registry = registry
         self.ca_cert = ca_cert
         self.clock = clock or reactor
         self.keepalive_interval = keepalive_interval

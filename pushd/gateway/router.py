@@ -40,12 +40,17 @@ class ISession(Interface):
     def wants(topic_hash):
         """True if the device has enabled this topic (Filter)."""
 
+    def revoked():
+        """The device was revoked (``pushctl device revoke``): close at once."""
+
 
 class Router:
     log = Logger()
 
-    def __init__(self, store, tokens, clock=None, node="local"):
+    def __init__(self, store, tokens, clock=None, node="local", registry=None):
         self.store = store
+        #: The device registry (IDeviceRegistry): pushes to revoked devices answer 410.
+        self.registry = registry
         self.tokens = tokens
         self._clock = clock
         self.node = node
@@ -73,6 +78,13 @@ class Router:
             del self.sessions[device_id]
             self.store.release(device_id, self.node).addErrback(self._presence_failed, device_id)
 
+    def revoked(self, device_ids) -> None:
+        """Close the live sessions of devices just revoked (their Connect is refused from now on)."""
+        for device_id in device_ids:
+            session = self.sessions.get(device_id)
+            if session is not None:
+                session.revoked()
+
     def _presence_failed(self, failure, device_id):
         self.log.warn("presence of {device} not recorded: {why}", device=device_id, why=failure.getErrorMessage())
 
@@ -95,6 +107,10 @@ class Router:
             device_id, _ = self.tokens.resolve(token, topic)
         except TokenError as e:
             return defer.fail(Rejected(400, e.reason))
+        if self.registry is not None:
+            revoked = self.registry.revoked_at(device_id)
+            if revoked is not None:
+                return defer.fail(Rejected(410, "Unregistered", timestamp=int(revoked * 1000)))
         th = wire.topic_hash(topic)
         now = self.now()
         session = self.sessions.get(device_id)

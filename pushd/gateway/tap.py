@@ -15,7 +15,8 @@ from pushd import config, tls
 from pushd.endpoints import BadListener, listener
 from pushd.gateway.auth import Authenticator
 from pushd.gateway.courier import CourierFactory
-from pushd.gateway.enrol import Enrolment
+from pushd.gateway.enrol import Enrolment, EnrolSecrets
+from pushd.gateway.registry import DeviceRegistry, RegistryError
 from pushd.gateway.provider import make_site
 from pushd.gateway.replay import DEFAULT_SIZE as DEFAULT_REPLAY_CACHE_SIZE, MemoryReplayCache
 from pushd.gateway.ratelimit import Buckets
@@ -60,9 +61,18 @@ class Options(config.Options):
         ["team-burst", None, 20000.0, "Pushes from one team allowed in a burst.", config.positive(float)],
         # Connect replay (docs/security.md "Connect replay").
         ["replay-cache-size", None, DEFAULT_REPLAY_CACHE_SIZE, "Nonces of nonce-only (APNs-style) Connects remembered for the 300 s window; when full, such Connects are refused.", _replay_cache_size],
+        # --- device lifecycle: certificates, renewal, enrolment (docs/security.md) ---
+        ["cert-days", None, 365.0, "Lifetime of a device certificate (days); devices renew at about 2/3 of it.", config.positive(float)],
+        ["cert-overlap", None, 604800.0, "Seconds a renewed device's previous certificate stays accepted.", config.positive(float)],
+        ["enrol-window", None, 300.0, "Seconds an enrolment request's time may be off the gateway's clock.", config.positive(float)],
+        ["enrol-nonces", None, 100000, "Enrolment nonces remembered (within 2 x window); beyond, 503.", config.positive(int)],
+        ["enrol-rate", None, 1.0, "Enrolment/renewal requests per second from one address (429 beyond).", config.positive(float)],
+        ["enrol-burst", None, 20.0, "Enrolment/renewal requests from one address allowed in a burst.", config.positive(float)],
     ]
     optFlags = [
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
+        ["legacy-certs", None, "Accept device certificates of this CA missing from the device registry (issued "
+                               "before it existed), and record them on first Connect."],
     ]
     multi = {
         "courier": ["tls:5223"],
@@ -113,7 +123,11 @@ def makeService(options, reactor=None):
         store = open_store(options["store"], state, options["queue-size"], reactor, options["sqlite-synchronous"])
     except (ValueError, StoreUnavailable) as e:
         raise usage.UsageError(str(e))
-    router = Router(store, TokenMinter(tls.secret_file(state / "token.secret")), reactor)
+    try:
+        registry = DeviceRegistry(state / "devices.sqlite3", legacy=bool(options["legacy-certs"]))
+    except RegistryError as e:
+        raise usage.UsageError(str(e))
+    router = Router(store, TokenMinter(tls.secret_file(state / "token.secret")), reactor, registry=registry)
 
     top = service.MultiService()
     StoreService(store, router).setServiceParent(top)
@@ -125,10 +139,17 @@ def makeService(options, reactor=None):
         grace=options["grace"],
         window=options["window"],
         replay_cache=MemoryReplayCache(options["replay-cache-size"], reactor),
+        registry=registry,
     )
     auth = Authenticator(state / "providers.json", [pki.provider_key], reactor)
+    enrolment = Enrolment(
+        pki, EnrolSecrets(state, reactor), registry, reactor,
+        rate_limit=Buckets(options["enrol-rate"], options["enrol-burst"], reactor),
+        window=options["enrol-window"], max_nonces=options["enrol-nonces"],
+        cert_days=options["cert-days"], overlap=options["cert-overlap"],
+    )
     site = make_site(
-        router, auth, Enrolment(pki),
+        router, auth, enrolment,
         token_limit=Buckets(options["token-rate"], options["token-burst"], reactor),
         team_limit=Buckets(options["team-rate"], options["team-burst"], reactor),
     )
@@ -141,6 +162,10 @@ def makeService(options, reactor=None):
             listener(reactor, desc, site, pki.server_options(tls.PROVIDER_ALPN)).setServiceParent(top)
     except BadListener as e:
         raise usage.UsageError(str(e))
+    # pushctl device revoke writes the registry; the gateway notices within a second.
+    revocations = internet.TimerService(1.0, lambda: router.revoked(registry.poll()))
+    revocations.clock = reactor
+    revocations.setServiceParent(top)
     expiry = internet.TimerService(60, _expire, store, router)
     expiry.clock = reactor
     expiry.setServiceParent(top)

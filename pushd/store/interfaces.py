@@ -80,6 +80,42 @@ class ITokenRegistry(Interface):
         """The app registered again: the token is valid from now on."""
 
 
+class IDeviceRegistry(Interface):
+    """
+    The device certificates this gateway issued, and which devices are revoked (device lifecycle).
+
+    Unlike the store's interfaces these answer synchronously: ``check`` runs on every Connect and
+    ``revoked_at`` on every push, so a provider answers from the node's own view (SQLite on disk,
+    revocations held in memory) and ``poll`` brings that view up to date about once a second.
+    A Redis provider (the cluster issue) keeps the same view: revocations in memory, refreshed on
+    a pub/sub message or the poll.
+    """
+
+    def record(fingerprint, serial, device_id, key_fingerprint, issued_at, not_after, via):
+        """Remember an issued certificate (``via``: which enrolment or renewal issued it)."""
+
+    def check(cert_der, device_id, now):
+        """None if the certificate (DER) may Connect, else the reason it may not (a string)."""
+
+    def revoked_at(device_id):
+        """When the device was revoked (UNIX seconds), or None."""
+
+    def key_known(key_fingerprint):
+        """True if a certificate was issued for this public key already."""
+
+    def retire(fingerprint, until):
+        """A renewal replaced this certificate: accept it no later than ``until``."""
+
+    def revoke(device_id, when):
+        """Revoke the device (all its certificates); True if it was not revoked before."""
+
+    def certificates(limit):
+        """Up to ``limit`` issued certificates, newest first, as dicts (for ``pushctl device list``)."""
+
+    def poll():
+        """Re-read what another process changed; return the device ids newly revoked."""
+
+
 class IPresence(Interface):
     """Which gateway node holds which device's connection."""
 
