@@ -297,7 +297,7 @@ class AdmissionFactory(WrappingFactory):
             self.admission.stop()  # the role's last listener: log what is pending, no timer left
 
 
-def fit_fd_limit(caps: dict, reserve: int = 256) -> dict:
+def fit_fd_limit(caps: dict, reserve: int = 256, resource=None) -> dict:
     """
     Make the connection caps fit the process's file descriptor limit: raise the soft
     limit towards the hard one if needed, and if the caps still do not fit (plus
@@ -305,10 +305,11 @@ def fit_fd_limit(caps: dict, reserve: int = 256) -> dict:
     the gateway refuses connections rather than fail accept() with EMFILE.
     Returns the caps to use (name -> count).
     """
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not POSIX
-        return dict(caps)
+    if resource is None:
+        try:
+            import resource
+        except ImportError:  # pragma: no cover - not POSIX
+            return dict(caps)
     need = sum(caps.values()) + reserve
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
