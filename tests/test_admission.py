@@ -226,3 +226,33 @@ class FdLimitTests(unittest.TestCase):
         r = FakeResource(1024, r.RLIM_INFINITY)
         fit_fd_limit({"courier": 100}, reserve=100, resource=r)
         self.assertEqual(r.limits, (1024, r.RLIM_INFINITY), "already enough")
+
+
+class GatewayWiringTests(unittest.TestCase):
+    """Every courier and provider listener of a gateway is admission-controlled, outside TLS,
+    with the options' limits; one Admission per role, shared by its listeners."""
+
+    def test_listeners_wrapped(self):
+        from twisted.internet import reactor
+
+        from pushd.endpoints import LeanTLSFactory
+        from pushd.gateway import tap
+
+        o = tap.Options()
+        o.parseOptions(["--state-dir", self.mktemp(), "--store", "memory",
+                        "--courier", "tls:tcp:0:interface=127.0.0.1", "--courier", "tls:tcp:0:interface=127.0.0.1",
+                        "--provider", "tls:tcp:0:interface=127.0.0.1",
+                        "--max-per-address", "7", "--provider-max-per-address", "5", "--connect-rate", "3",
+                        "--max-connections", "900", "--provider-max-connections", "90"])
+        top = tap.makeService(o, reactor)
+        factories = [svc.factory for svc in top if hasattr(svc, "endpoint")]
+        self.assertEqual(len(factories), 3)
+        for f in factories:
+            self.assertIsInstance(f, AdmissionFactory)
+            self.assertIsInstance(f.wrappedFactory, LeanTLSFactory)
+        courier = {id(f.admission): f.admission for f in factories[:2]}
+        self.assertEqual(len(courier), 1, "one Admission for all courier listeners")
+        (c,) = courier.values()
+        p = factories[2].admission
+        self.assertEqual((c.name, c.max_connections, c.max_per_address, c.rate), ("courier", 900, 7, 3.0))
+        self.assertEqual((p.name, p.max_connections, p.max_per_address), ("provider", 90, 5))
