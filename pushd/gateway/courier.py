@@ -163,8 +163,8 @@ class CourierServerProtocol(Protocol):
                 if decoder.max_frame != wire.MAX_FRAME and self.device_id is not None:
                     decoder.max_frame = wire.MAX_FRAME  # authenticated: the protocol's bound
         except wire.WireError as e:
-            if self.device_id is None and decoder.max_frame < wire.MAX_FRAME:
-                e = f"{e} (--connect-budget, before Connect)"
+            if self.device_id is None:
+                e = f"{e} (before Connect)"  # its limit there: --connect-budget
             self.fail(str(e))
         if self._acked:
             self._delete_acked()
@@ -416,9 +416,9 @@ class CourierFactory(Factory):
         self.grace = grace
         #: Seconds from accept to a verified Connect (TLS handshake included), absolute.
         self.connect_timeout = connect_timeout
-        #: The largest frame before Connect: a Connect is ~1 KiB (EC) to ~2.5 KiB (RSA-4096
-        #: certificate and signature); without it a trickled 32 KiB frame held ~86 KB a
-        #: connection.
+        #: The largest frame before Connect: a Connect is 490 bytes (EC P-256) to ~2 KiB
+        #: (RSA-4096 certificate and signature); without it a trickled 32 KiB frame held
+        #: ~86 KB a connection.
         self.connect_budget = min(connect_budget, wire.MAX_FRAME)
         #: Closes of unauthenticated connections (deadline, budget, bad frames, refused
         #: Connects): counted by reason, logged at most once a second.
