@@ -12,6 +12,8 @@ from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 
+from pushd.admission import AdmissionFactory
+
 log = Logger()
 
 
@@ -79,7 +81,9 @@ def split_tls(description: str) -> tuple:
     return False, description
 
 
-def listener(reactor, description: str, factory, tls_options):
+def listener(reactor, description: str, factory, tls_options, admission=None):
+    """A listening service; ``admission`` (pushd.admission.Admission), when given, decides
+    on each connection before its TLS: a refused one is closed with no handshake."""
     wants_tls, inner = split_tls(description)
     try:
         ep = endpoints.serverFromString(reactor, inner)
@@ -87,6 +91,8 @@ def listener(reactor, description: str, factory, tls_options):
         raise BadListener(f"bad listener {description!r}: {e}")
     if wants_tls:
         factory = LeanTLSFactory(tls_options, False, factory)
+    if admission is not None:
+        factory = AdmissionFactory(admission, factory)
     svc = StreamServerEndpointService(ep, factory)
     svc._raiseSynchronously = True
     return svc

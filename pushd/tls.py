@@ -30,6 +30,16 @@ from pushd import wire
 COURIER_ALPN = [b"apns-security-v3"]
 PROVIDER_ALPN = [b"h2", b"http/1.1"]
 
+#: TLS 1.2 suites the listeners accept: ECDHE (forward secrecy) with an AEAD cipher only, for
+#: ECDSA keys (the default) and RSA keys (state directories made before ECDSA was the
+#: default). Twisted's default list also offered CBC with SHA-1 (ECDHE-ECDSA-AES128-SHA ...).
+#: TLS 1.3 keeps OpenSSL's suites, all AEAD.
+SERVER_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+])
+
 #: How far a Connect nonce's timestamp may be from the gateway's clock.
 NONCE_WINDOW = 300.0
 
@@ -398,7 +408,8 @@ class GatewayPKI:
     ca_path: Path
 
     def server_options(self, alpn: list):
-        """TLS options for a listener; ``alpn`` must list every protocol a client may offer."""
+        """TLS options for a listener; ``alpn`` must list every protocol a client may offer.
+        TLS 1.2 or 1.3 only, AEAD suites only (``SERVER_CIPHERS``)."""
         from OpenSSL import crypto
 
         return ssl.CertificateOptions(
@@ -406,6 +417,8 @@ class GatewayPKI:
             certificate=crypto.X509.from_cryptography(self.server_cert),
             extraCertChain=[crypto.X509.from_cryptography(self.ca_cert)],
             acceptableProtocols=alpn,
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(SERVER_CIPHERS),
         )
 
 

@@ -166,7 +166,13 @@ class FrameDecoder:
         self._buf = b""
 
     def feed(self, data: bytes) -> Iterator[Frame]:
-        buf = self._buf + data if self._buf else data
+        buf = self._buf
+        if buf:
+            # A partial frame is kept in a bytearray and grown in place: ``bytes + bytes``
+            # copied all of it on every read, quadratic for a frame trickled in small reads.
+            buf += data
+        else:
+            buf = data
         pos = 0
         try:
             while len(buf) - pos >= HEADER.size:
@@ -180,10 +186,17 @@ class FrameDecoder:
                 if len(buf) - start < length:
                     break
                 body = buf[start : start + length]
+                if type(body) is not bytes:
+                    body = bytes(body)
                 pos = start + length
                 yield Frame(command, decode_fields(body))
         finally:
-            self._buf = buf[pos:]
+            if pos >= len(buf):
+                self._buf = b""  # idle connections share the empty bytes
+            elif buf is not data:
+                del buf[:pos]  # in place (the bytearray already held the rest)
+            else:
+                self._buf = bytearray(buf[pos:]) if pos else bytearray(buf)
 
     @property
     def buffered(self) -> int:

@@ -124,7 +124,14 @@ class LogCapture:
         case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def reasons(self):
-        return [e["reason"] for e in self.events if "reason" in e]
+        # One reason per line, or (refusals before Connect, logged at most once a second)
+        # the reasons counted together in one line.
+        out = []
+        for e in self.events:
+            if "reason" in e:
+                out.append(e["reason"])
+            out.extend(e.get("counts", ()))
+        return out
 
 
 class CourierReplayTests(unittest.TestCase):

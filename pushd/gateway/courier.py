@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pushd import tls, wire
+from pushd.admission import LogThrottle
 from pushd.gateway.deadlines import DeadlineWheel
 from pushd.gateway.heap import HeapTrimmer
 from pushd.gateway.replay import MemoryReplayCache, nonce_key
@@ -79,7 +80,11 @@ class CourierServerProtocol(Protocol):
 
     def connectionMade(self):
         f = self.factory
+        # Called at accept, before the TLS handshake: handshake and Connect together must
+        # fit in connect_timeout, and reads before Connect do not move it (dataReceived).
         self.setTimeout(f.connect_timeout)
+        # Until Connect, a frame may be no larger than a real Connect needs.
+        self.decoder.max_frame = f.connect_budget
         self.transport.registerProducer(self, True)
         f.churned()
 
@@ -106,11 +111,14 @@ class CourierServerProtocol(Protocol):
             )
 
     def timeoutConnection(self):
-        self.log.info(
-            "closing silent connection {peer} (device {device})",
-            peer=self.peer,
-            device=self.device_id,
-        )
+        if self.device_id is None:
+            # Anyone can open connections and stay silent: counted, one line a second
+            # (a connection already closing for a logged reason is not counted again).
+            if not self._closing:
+                self.factory.preauth.note("no Connect within the connect deadline", peer=self.peer)
+        else:
+            self.log.info("closing silent connection {peer} (device {device})",
+                          peer=self.peer, device=self.device_id)
         self.transport.abortConnection()
 
     def fail(self, reason: str):
@@ -119,6 +127,10 @@ class CourierServerProtocol(Protocol):
             return
         self._closing = True
         self.factory.protocol_errors += 1
+        if self.device_id is None:
+            # Unauthenticated: counted, one line a second (not one per hostile connection).
+            self.factory.preauth.note(reason, peer=self.peer)
+            return self._close()
         self.log.warn(
             "closing {peer} (device {device}): {reason}",
             peer=self.peer,
@@ -144,15 +156,21 @@ class CourierServerProtocol(Protocol):
         if self._proving is not None:
             self._proving.append(data)
             return
-        f = self.factory
-        # Moves the deadline only; the wheel looks at it when its old one is due.
-        self._deadline = f.clock.seconds() + (f.connect_timeout if self.device_id is None else f.silence_timeout)
+        decoder = self.decoder
+        if self.device_id is not None:
+            # Moves the deadline only; the wheel looks at it when its old one is due.
+            # Before Connect it is absolute: bytes trickled one at a time held connections
+            # open for ever when each of them moved it.
+            f = self.factory
+            self._deadline = f.clock.seconds() + f.silence_timeout
         try:
-            for frame in self.decoder.feed(data):
+            for frame in decoder.feed(data):
                 self.frameReceived(wire.parse(frame))
                 if self._closing or self._proving is not None:
                     break
         except wire.WireError as e:
+            if self.device_id is None:
+                e = f"{e} (before Connect)"  # its limit there: --connect-budget
             self.fail(str(e))
         if self._acked:
             self._delete_acked()
@@ -227,6 +245,7 @@ class CourierServerProtocol(Protocol):
     def _accept(self, device_id: str, msg: wire.Connect, proof: str):
         f = self.factory
         self.device_id = device_id
+        self.decoder.max_frame = wire.MAX_FRAME  # authenticated: the protocol's bound, not --connect-budget
         self.base_token = f.router.tokens.base_token(device_id)
         self.setTimeout(f.silence_timeout)
         ack = wire.ConnectAck(
@@ -432,6 +451,14 @@ class CourierServerProtocol(Protocol):
             self._pumping = False
 
 
+def _log_preauth(counts, total, sample):
+    CourierServerProtocol.log.warn(
+        "closed {total} unauthenticated courier connections since the last line: {counts}"
+        " (last from {peer})",
+        total=total, counts=counts, peer=sample.get("peer"),
+    )
+
+
 class CourierFactory(Factory):
     protocol = CourierServerProtocol
     #: Seconds before a connection reads its queue again after the store failed to answer.
@@ -444,10 +471,11 @@ class CourierFactory(Factory):
         clock=None,
         keepalive_interval: int = 60,
         grace: float = 3.0,
-        connect_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
         window: int = 64,
         replay_cache=None,
         registry=None,
+        connect_budget: int = 8192,
     ):
         from twisted.internet import reactor
 
@@ -458,7 +486,15 @@ class CourierFactory(Factory):
         self.clock = clock or reactor
         self.keepalive_interval = keepalive_interval
         self.grace = grace
+        #: Seconds from accept to a verified Connect (TLS handshake included), absolute.
         self.connect_timeout = connect_timeout
+        #: The largest frame before Connect: a Connect is 490 bytes (EC P-256) to ~2 KiB
+        #: (RSA-4096 certificate and signature); without it a trickled 32 KiB frame held
+        #: ~86 KB a connection.
+        self.connect_budget = min(connect_budget, wire.MAX_FRAME)
+        #: Closes of unauthenticated connections (deadline, budget, bad frames, refused
+        #: Connects): counted by reason, logged at most once a second.
+        self.preauth = LogThrottle(self.clock, _log_preauth)
         #: A connected device silent this long is closed.
         self.silence_timeout = keepalive_interval * grace
         #: The silence deadlines of all connections, on one timer.
@@ -481,3 +517,4 @@ class CourierFactory(Factory):
         # The last listener using this factory stopped: no timer may outlive it.
         self.deadlines.stop()
         self.heap.stop()
+        self.preauth.stop()

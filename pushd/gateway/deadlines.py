@@ -1,9 +1,10 @@
 """
-One timer for the silence deadlines of every courier connection.
+One timer for the deadlines of every courier connection: the connect deadline (absolute,
+from accept: handshake and Connect) and, once connected, the silence deadline.
 
 A per-connection ``callLater`` (what ``TimeoutMixin`` does) costs a DelayedCall, its heap
-entry and a reset on every read. Here a connection only stores its deadline (a float it
-moves forward on each read, no timer touched); the wheel files it in a one-second bucket
+entry and a reset on every read. Here a connection only stores its deadline (a float an
+authenticated connection moves forward on each read, no timer touched); the wheel files it in a one-second bucket
 and looks at it again when that bucket is due: past its deadline, it is timed out;
 otherwise it is filed again under its new deadline. So a connection is looked at about
 once per timeout period, and one DelayedCall (for the earliest bucket) exists while any

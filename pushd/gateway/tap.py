@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from pushd import config, tls
+from pushd.admission import Admission, fit_fd_limit
 from pushd.endpoints import BadListener, listener
 from pushd.gateway.auth import Authenticator
 from pushd.gateway.courier import CourierFactory
@@ -28,18 +29,21 @@ from pushd.store.interfaces import StoreUnavailable
 log = Logger()
 
 
-def _replay_cache_size(value):
-    """--replay-cache-size: how many nonces; the error names the option (twisted's does not)."""
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"--replay-cache-size must be a whole number of nonces, at least 1 (got {value!r})")
-    return n
+def _within(name, kind, low, high=None):
+    """An option coercer for a limit: a ``kind`` in [low, high], the error naming the option."""
 
+    def coerce(value):
+        try:
+            v = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--{name} must be a number, not {value!r}")
+        if v < low or (high is not None and v > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"--{name} must be {bound}, not {value}")
+        return v
 
-_replay_cache_size.coerceDoc = "At least 1."
+    coerce.coerceDoc = f"At least {low}." if high is None else f"Between {low} and {high}."
+    return coerce
 
 
 class Options(config.Options):
@@ -60,7 +64,7 @@ class Options(config.Options):
         ["team-rate", None, 10000.0, "Pushes per second from one team (or the operator key).", config.positive(float)],
         ["team-burst", None, 20000.0, "Pushes from one team allowed in a burst.", config.positive(float)],
         # Connect replay (docs/security.md "Connect replay").
-        ["replay-cache-size", None, DEFAULT_REPLAY_CACHE_SIZE, "Nonces of nonce-only (APNs-style) Connects remembered for the 300 s window; when full, such Connects are refused.", _replay_cache_size],
+        ["replay-cache-size", None, DEFAULT_REPLAY_CACHE_SIZE, "Nonces of nonce-only (APNs-style) Connects remembered for the 300 s window; when full, such Connects are refused.", _within("replay-cache-size", int, 1)],
         # --- device lifecycle: certificates, renewal, enrolment (docs/security.md) ---
         ["cert-days", None, 365.0, "Lifetime of a device certificate (days); devices renew at about 2/3 of it.", config.positive(float)],
         ["cert-overlap", None, 604800.0, "Seconds a renewed device's previous certificate stays accepted.", config.positive(float)],
@@ -68,6 +72,17 @@ class Options(config.Options):
         ["enrol-nonces", None, 100000, "Enrolment nonces remembered (within 2 x window); beyond, 503.", config.positive(int)],
         ["enrol-rate", None, 1.0, "Enrolment/renewal requests per second from one address (429 beyond).", config.positive(float)],
         ["enrol-burst", None, 20.0, "Enrolment/renewal requests from one address allowed in a burst.", config.positive(float)],
+        # --- admission: bounded before authenticated (docs/security.md, "Connections and deadlines")
+        ["connect-deadline", None, 10.0, "Seconds from accept to a verified courier Connect, TLS handshake included; reads do not extend it.", _within("connect-deadline", float, 0.1, 3600)],
+        ["connect-budget", None, 8192, "Largest courier frame before Connect, in bytes (a real Connect is 0.5-2 KiB).", _within("connect-budget", int, 1024, 32768)],
+        ["max-connections", None, 18000, "Courier connections in total, all courier listeners together; more are closed at accept.", _within("max-connections", int, 1)],
+        ["max-per-address", None, 64, "Courier connections from one IPv4 address or one IPv6 prefix (--ipv6-prefix).", _within("max-per-address", int, 1)],
+        ["provider-max-connections", None, 1000, "Provider API connections in total, all provider listeners together.", _within("provider-max-connections", int, 1)],
+        ["provider-max-per-address", None, 64, "Provider API connections from one IPv4 address or one IPv6 prefix.", _within("provider-max-per-address", int, 1)],
+        ["connect-rate", None, 20.0, "New connections per second from one address, per role (token bucket).", _within("connect-rate", float, 0.001)],
+        ["connect-burst", None, 40.0, "New connections from one address allowed in a burst, per role.", _within("connect-burst", float, 1)],
+        ["ipv6-prefix", None, 64, "IPv6 sources count per prefix of this length for the per-address limits.", _within("ipv6-prefix", int, 8, 128)],
+        ["max-addresses", None, 16384, "Source addresses with no live connection remembered for their rate bucket, per role.", _within("max-addresses", int, 1)],
     ]
     optFlags = [
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
@@ -114,6 +129,17 @@ def _expire(store, router):
     return store.expire(router.now()).addCallbacks(done, lambda f: log.warn("expiry sweep failed: {why}", why=f.getErrorMessage()))
 
 
+def _admissions(options, reactor):
+    """One Admission per role, shared by its listeners; the caps fitted to the fd limit."""
+    caps = fit_fd_limit({"courier": options["max-connections"], "provider": options["provider-max-connections"]})
+    common = dict(rate=options["connect-rate"], burst=options["connect-burst"],
+                  ipv6_prefix=options["ipv6-prefix"], max_addresses=options["max-addresses"])
+    return (
+        Admission("courier", reactor, caps["courier"], options["max-per-address"], **common),
+        Admission("provider", reactor, caps["provider"], options["provider-max-per-address"], **common),
+    )
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -140,7 +166,10 @@ def makeService(options, reactor=None):
         window=options["window"],
         replay_cache=MemoryReplayCache(options["replay-cache-size"], reactor),
         registry=registry,
+        connect_timeout=options["connect-deadline"],
+        connect_budget=options["connect-budget"],
     )
+    courier_admission, provider_admission = _admissions(options, reactor)
     auth = Authenticator(state / "providers.json", [pki.provider_key], reactor)
     enrolment = Enrolment(
         pki, EnrolSecrets(state, reactor), registry, reactor,
@@ -157,9 +186,11 @@ def makeService(options, reactor=None):
     site.access_log = bool(options["access-log"])
     try:
         for desc in options["courier"]:
-            listener(reactor, desc, courier, pki.server_options(tls.COURIER_ALPN)).setServiceParent(top)
+            listener(reactor, desc, courier, pki.server_options(tls.COURIER_ALPN),
+                     courier_admission).setServiceParent(top)
         for desc in options["provider"]:
-            listener(reactor, desc, site, pki.server_options(tls.PROVIDER_ALPN)).setServiceParent(top)
+            listener(reactor, desc, site, pki.server_options(tls.PROVIDER_ALPN),
+                     provider_admission).setServiceParent(top)
     except BadListener as e:
         raise usage.UsageError(str(e))
     # pushctl device revoke writes the registry; the gateway notices within a second.

@@ -1,0 +1,332 @@
+"""
+Admission control for a listener: who may open a connection at all, decided in
+``buildProtocol`` before any TLS work, so a refused connection costs one accept and one
+close.
+
+Measured before it existed (attacker script, loopback): no cap on connections, so 1,100
+trickling courier connections exhausted the gateway's file descriptors (EMFILE) and honest
+devices were reset. Now each role (courier, provider) has a cap in total, a cap per source
+address, and a token bucket of new connections per source address; all its listeners share
+them, so the caps bound the role's file descriptors whatever accept() keeps bringing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+log = Logger()
+
+#: Refusal reasons (the keys of ``Admission.refused``).
+TOTAL = "total"
+PER_ADDRESS = "per-address"
+RATE = "rate"
+
+
+class LogThrottle:
+    """
+    At most one log line per ``interval`` for events anyone can cause (refused or closed
+    unauthenticated connections): the first event of a quiet period is logged at once,
+    the rest are counted by reason and logged together when the interval is over.
+    """
+
+    #: Distinct reasons kept per line; beyond, they count as "other" (reasons may carry
+    #: numbers from the peer, and the dict must stay bounded).
+    MAX_REASONS = 16
+
+    def __init__(self, clock, emit, interval: float = 1.0):
+        self.clock = clock
+        self.emit = emit  # emit(counts: dict, total: int, sample: dict)
+        self.interval = interval
+        self.counts: dict = {}
+        self.sample: dict = {}
+        self.total = 0  # every event ever noted
+        self._last = None
+        self._call = None
+
+    def note(self, reason: str, **sample) -> None:
+        self.total += 1
+        counts = self.counts
+        if reason not in counts and len(counts) >= self.MAX_REASONS:
+            reason = "other"
+        counts[reason] = counts.get(reason, 0) + 1
+        self.sample = sample
+        if self._call is not None:
+            return
+        now = self.clock.seconds()
+        if self._last is None or now - self._last >= self.interval:
+            self.flush()
+        else:
+            self._call = self.clock.callLater(self._last + self.interval - now, self._due)
+
+    def _due(self):
+        self._call = None
+        self.flush()
+
+    def flush(self) -> None:
+        if self.counts:
+            counts, self.counts = self.counts, {}
+            self.emit(counts, sum(counts.values()), self.sample)
+            self._last = self.clock.seconds()
+
+    def stop(self) -> None:
+        """Log what is pending and leave no timer."""
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        self.flush()
+
+
+def address_key(addr, ipv6_prefix: int = 64):
+    """
+    The source a per-address limit counts: an IPv4 address; an IPv6 address's first
+    ``ipv6_prefix`` bits (one subscriber usually gets a whole /64, so single IPv6
+    addresses cost an attacker nothing); an IPv4-mapped IPv6 address as its IPv4 address.
+    None for other transports (UNIX sockets): those get only the total cap.
+    """
+    if isinstance(addr, IPv4Address):
+        return addr.host
+    if isinstance(addr, IPv6Address):
+        host = addr.host.split("%", 1)[0]
+        try:
+            ip = ipaddress.IPv6Address(host)
+        except ValueError:
+            return host
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return (int(ip) >> (128 - ipv6_prefix), ipv6_prefix)
+    return None
+
+
+class _Source:
+    """One source address: its live connections and its token bucket."""
+
+    __slots__ = ("live", "tokens", "last")
+
+    def __init__(self, tokens, now):
+        self.live = 0
+        self.tokens = tokens
+        self.last = now
+
+
+class Admission:
+    """
+    The limits of one role (courier or provider), shared by all its listeners.
+
+    Sources with live connections are at most ``max_connections``; sources without any
+    are remembered (for their bucket) only until it is full again, and never more than
+    ``max_addresses`` of them (oldest first out), so the table is bounded either way.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        clock,
+        max_connections: int,
+        max_per_address: int,
+        rate: float,
+        burst: float,
+        ipv6_prefix: int = 64,
+        max_addresses: int = 16384,
+    ):
+        self.name = name
+        self.clock = clock
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.rate = rate
+        self.burst = burst
+        self.ipv6_prefix = ipv6_prefix
+        self.max_addresses = max_addresses
+        self.live = 0
+        self.admitted = 0
+        self.listeners = 0  # listening ports using it (AdmissionFactory.doStart/doStop)
+        #: Refused connections by reason (total, per-address, rate), for metrics.
+        self.refused = {TOTAL: 0, PER_ADDRESS: 0, RATE: 0}
+        self._active: dict = {}  # key -> _Source with live connections
+        self._idle: OrderedDict = OrderedDict()  # key -> _Source, least recently seen first
+        self.refusals = LogThrottle(clock, self._log_refusals)
+
+    def __len__(self):
+        """Sources remembered."""
+        return len(self._active) + len(self._idle)
+
+    def admit(self, addr):
+        """Return a ticket for a connection from ``addr``, or None to refuse it."""
+        if self.live >= self.max_connections:
+            return self._refuse(TOTAL, addr)
+        key = address_key(addr, self.ipv6_prefix)
+        if key is None:
+            self.live += 1
+            self.admitted += 1
+            return _UNKEYED
+        now = self.clock.seconds()
+        source = self._active.get(key)
+        if source is None:
+            source = self._idle.pop(key, None)
+            if source is None:
+                source = _Source(self.burst, now)
+        if source.live >= self.max_per_address:
+            return self._refuse(PER_ADDRESS, addr)
+        tokens = min(self.burst, source.tokens + (now - source.last) * self.rate)
+        source.last = now
+        if tokens < 1.0:
+            source.tokens = tokens
+            if not source.live:
+                self._idle[key] = source  # remembered as the newest
+                self._prune(now)
+            return self._refuse(RATE, addr)
+        source.tokens = tokens - 1.0
+        source.live += 1
+        self._active[key] = source
+        self.live += 1
+        self.admitted += 1
+        self._prune(now)
+        return key
+
+    def release(self, key) -> None:
+        """A connection admitted under ``key`` (its ticket) is gone."""
+        self.live -= 1
+        if key is _UNKEYED:
+            return
+        source = self._active.get(key)
+        if source is None:
+            return
+        source.live -= 1
+        if not source.live:
+            del self._active[key]
+            self._idle[key] = source
+            self._prune(self.clock.seconds())
+
+    def _prune(self, now) -> None:
+        idle = self._idle
+        # Full buckets carry no information: forget them (oldest first).
+        while idle:
+            key, source = next(iter(idle.items()))
+            if source.tokens + (now - source.last) * self.rate < self.burst:
+                break
+            del idle[key]
+        while len(idle) > self.max_addresses:
+            idle.popitem(last=False)
+
+    def _refuse(self, reason, addr):
+        self.refused[reason] += 1
+        self.refusals.note(reason, peer=getattr(addr, "host", str(addr)))
+        return None
+
+    def _log_refusals(self, counts, total, sample):
+        log.warn(
+            "refused {total} {role} connections since the last line: {counts} (last from {peer};"
+            " live {live}/{max})",
+            total=total, role=self.name, counts=counts, peer=sample.get("peer"),
+            live=self.live, max=self.max_connections,
+        )
+
+    def stop(self) -> None:
+        self.refusals.stop()
+
+
+#: The ticket of a connection with no per-address key (e.g. a UNIX socket).
+_UNKEYED = object()
+
+
+class AdmittedProtocol(ProtocolWrapper):
+    """Gives its ticket back when the connection ends."""
+
+    ticket = None
+
+    def logPrefix(self):
+        inner = self.wrappedProtocol
+        return inner.logPrefix() if hasattr(inner, "logPrefix") else inner.__class__.__name__
+
+    def connectionLost(self, reason):
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            self.factory.admission.release(ticket)
+        self.wrappedProtocol.connectionLost(reason)
+        self.wrappedProtocol = None
+
+
+class AdmissionFactory(WrappingFactory):
+    """
+    Wraps a listener's factory (outside its TLS): a refused connection gets no protocol,
+    so Twisted closes its socket at once, before a byte of TLS.
+    """
+
+    protocol = AdmittedProtocol
+
+    def __init__(self, admission: Admission, wrappedFactory):
+        super().__init__(wrappedFactory)
+        self.admission = admission
+
+    def logPrefix(self):
+        # Keep the wrapped factory's name in the log ("Site (TLS) starting on ...").
+        inner = self.wrappedFactory
+        return inner.logPrefix() if hasattr(inner, "logPrefix") else inner.__class__.__name__
+
+    def buildProtocol(self, addr):
+        ticket = self.admission.admit(addr)
+        if ticket is None:
+            return None
+        inner = self.wrappedFactory.buildProtocol(addr)
+        if inner is None:
+            self.admission.release(ticket)
+            return None
+        p = self.protocol(self, inner)
+        p.ticket = ticket
+        return p
+
+    # No registry of protocols: the admission's counts are the bookkeeping.
+    def registerProtocol(self, p):
+        pass
+
+    def unregisterProtocol(self, p):
+        pass
+
+    def doStart(self):
+        super().doStart()
+        self.admission.listeners += 1
+
+    def doStop(self):
+        super().doStop()
+        self.admission.listeners -= 1
+        if not self.admission.listeners:
+            self.admission.stop()  # the role's last listener: log what is pending, no timer left
+
+
+def fit_fd_limit(caps: dict, reserve: int = 256, resource=None) -> dict:
+    """
+    Make the connection caps fit the process's file descriptor limit: raise the soft
+    limit towards the hard one if needed, and if the caps still do not fit (plus
+    ``reserve`` for the store, logs and listening sockets), lower them in proportion, so
+    the gateway refuses connections rather than fail accept() with EMFILE.
+    Returns the caps to use (name -> count).
+    """
+    if resource is None:
+        try:
+            import resource
+        except ImportError:  # pragma: no cover - not POSIX
+            return dict(caps)
+    need = sum(caps.values()) + reserve
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warn("cannot raise the file descriptor limit to {need}: {e}", need=need, e=e)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return dict(caps)
+    room = max(len(caps), soft - reserve)
+    total = sum(caps.values())
+    fitted = {name: max(1, cap * room // total) for name, cap in caps.items()}
+    log.warn(
+        "the file descriptor limit ({limit}) is below the connection caps {caps} + {reserve};"
+        " using {fitted} (raise `ulimit -n` or lower the max-connections options)",
+        limit=soft, caps=caps, reserve=reserve, fitted=fitted,
+    )
+    return fitted
