@@ -99,6 +99,8 @@ class SQLiteStoreTests(StoreContract, DurableStoreContract, unittest.TestCase):
         globalLogPublisher.addObserver(logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         store = SQLiteStore(path)
-        self.assertEqual([stat.S_IMODE(f.stat().st_mode) for f in files], [0o600] * 3)
+        # (SQLite may remove an empty -wal and -shm when a connection closes.)
+        self.assertEqual([stat.S_IMODE(f.stat().st_mode) for f in files if f.exists()],
+                         [0o600] * sum(f.exists() for f in files))
         self.assertEqual(sorted(e["path"] for e in logged if e.get("old") == "0644"), sorted(map(str, files)))
         yield store.close()
