@@ -138,6 +138,7 @@ class StoreContract:
         self.assertEqual(got[0], theirs, "the first keeps its id and fields")
         scoped = topic_scoped_id(theirs.message_id, B)
         self.assertEqual(got[1].message_id, scoped, "the second has its own id on the wire")
+        self.assertEqual(uuid.UUID(bytes=scoped).version, 8, "a UUID, never a random (v4) apns-id")
         # Its provider's retry still replaces its own copy, and only that.
         yield self.put(msg(b"mine again", topic="com.example.b", message_id=theirs.message_id))
         got = yield self.pending()

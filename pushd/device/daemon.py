@@ -175,9 +175,9 @@ class DeviceDaemon:
             return uid
         skipped = self.quiet("refused")
         if skipped is not None:
-            self.log.warn("refused to {action} {topic} for {process} (uid {uid}): it belongs to uid {owner}"
-                          " ({skipped} more refusals not logged)", action=action, topic=topic,
-                          process=getattr(app, "process", None), uid=uid, owner=owner, skipped=skipped)
+            self.log.warn("refused to {action} {topic} for {process} (uid {uid}): it belongs to uid {owner}{more}",
+                          action=action, topic=topic, process=getattr(app, "process", None), uid=uid,
+                          owner=owner, skipped=skipped, more=_more(skipped, "refusals"))
         if uid is None:
             raise cmds.TopicOwned("the daemon cannot tell which user is asking (no SO_PEERCRED)")
         raise cmds.TopicOwned(f"{topic} is registered by another user (uid {owner}) on this device")
@@ -198,10 +198,10 @@ class DeviceDaemon:
         if old is not None and old is not app:
             skipped = self.quiet("takeover")
             if skipped is not None:
-                self.log.info("{topic} taken over by {process} from {old} (both uid {uid})"
-                              " ({skipped} more takeovers not logged)", topic=topic, uid=uid,
-                              process=getattr(app, "process", None), old=getattr(old, "process", None),
-                              skipped=skipped)
+                self.log.info("{topic} taken over by {process} from {old} (both uid {uid}){more}",
+                              topic=topic, uid=uid, process=getattr(app, "process", None),
+                              old=getattr(old, "process", None), skipped=skipped,
+                              more=_more(skipped, "takeovers"))
             old.transport.loseConnection()
         self.apps[topic] = app
         app.topics.add(topic)
@@ -313,6 +313,10 @@ class LogBudget:
             return None
         self._last[kind] = now
         return self._skipped.pop(kind, 0)
+
+
+def _more(skipped: int, what: str) -> str:
+    return f" ({skipped} more {what} not logged)" if skipped else ""
 
 
 def peer_credentials(transport):

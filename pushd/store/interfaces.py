@@ -36,10 +36,13 @@ def topic_scoped_id(message_id: bytes, topic_hash: bytes) -> bytes:
     apns-id: derived from both, so the same provider's retry maps to the same id. A UUID
     of version 8 (RFC 9562, "custom"), never equal to a random (version 4) apns-id.
     """
-    b = bytearray(hashlib.sha256(b"pushd/topic-scoped-id\0" + topic_hash + message_id).digest()[:16])
-    b[6] = (b[6] & 0x0F) | 0x80
-    b[8] = (b[8] & 0x3F) | 0x80
-    return bytes(b)
+    d = int.from_bytes(hashlib.sha256(b"pushd/topic-scoped-id\0" + topic_hash + message_id).digest()[:16], "big")
+    return ((d & _KEEP) | _V8).to_bytes(16, "big")
+
+
+# The version nibble (8) and the variant bits (10) of an RFC 9562 UUID, set on 128 bits.
+_KEEP = ((1 << 128) - 1) ^ (0xF << 76) ^ (0xC0 << 56)
+_V8 = (0x8 << 76) | (0x80 << 56)
 
 
 class IMessageStore(Interface):
