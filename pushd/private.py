@@ -42,12 +42,19 @@ def ensure_dir(path) -> Path:
 
 
 def write(path, data: bytes) -> None:
-    """Write a file readable by its owner only, atomically (a reader sees old or new)."""
+    """
+    Write a file readable by its owner only, atomically (a reader sees old or new). Run as
+    root (``sudo pushctl keys ...`` for a gateway running as its own user), the file keeps
+    the owner of the file it replaces, or of its directory: else the daemon could not read it.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)  # a tmp file left behind by a crash may be looser
+        if os.geteuid() == 0:
+            owner = os.stat(path if path.exists() else path.parent)
+            os.fchown(fd, owner.st_uid, owner.st_gid)
         with os.fdopen(fd, "wb") as f:
             fd = None
             f.write(data)

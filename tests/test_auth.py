@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import task
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from pushd import tls
@@ -202,6 +203,23 @@ class AuthTests(unittest.TestCase):
         self.clock.advance(2)
         token = make_jwt(self.key, "KEY1", "TEAM1", iat=T0)
         self.assertEqual(self.auth.authenticate(self.bearer(token)), "TEAM1")
+        self.flushLoggedErrors()
+
+    def test_unreadable_keys_file_keeps_previous_and_says_so_once(self):
+        """providers.json unreadable (here a directory; for a daemon user, a root-owned 0600 file)."""
+        token = self.bearer(make_jwt(self.key, "KEY1", "TEAM1", iat=T0))
+        self.auth.authenticate(token)
+        self.path.unlink()
+        self.path.mkdir()
+        self.clock.advance(2)
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.assertEqual(self.auth.authenticate(token), "TEAM1")
+        for i in range(20):  # unknown key ids each ask for a fresh look
+            self.assertEqual(self.reason(self.bearer(make_jwt(self.key, f"NEW{i}", "TEAM1", iat=T0))),
+                             (403, "InvalidProviderToken"))
+        self.assertEqual(len([e for e in logged if "keeping the previous" in e.get("log_format", "")]), 1)
         self.flushLoggedErrors()
 
     def test_only_p256_keys(self):

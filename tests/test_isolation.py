@@ -111,6 +111,18 @@ class PrivateWriteTests(Umask022, unittest.TestCase):
         self.assertEqual((path.read_bytes(), stat.S_IMODE(path.stat().st_mode)), (b"secret", 0o600))
 
 
+    def test_root_writing_keeps_the_daemons_ownership(self):
+        """sudo pushctl keys ... for a gateway running as its own user: it must still read the file."""
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root")
+        state = Path(self.mktemp())
+        state.mkdir(parents=True)
+        os.chown(state, NOBODY, NOBODY)
+        private_module.write(state / "providers.json", b"{}")
+        st = (state / "providers.json").stat()
+        self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (NOBODY, NOBODY, 0o600))
+
+
 class DeviceStateTests(Umask022, unittest.TestCase):
     DEVICE_FILES = ["device.key", "device.pem", "ca.pem", "state.json",
                     "held.sqlite3", "held.sqlite3-wal", "held.sqlite3-shm"]

@@ -118,6 +118,7 @@ class Authenticator:
         self.static_keys = [k.encode() if isinstance(k, str) else k for k in static_keys]
         self._clock = clock
         self._mtime = None
+        self._bad_mtime = None  # the version of the file that failed to load
         self._checked = None
         self._public: dict = {}
         self._teams: dict = {}  # team -> frozenset of the topics it may push to
@@ -139,13 +140,18 @@ class Authenticator:
             mtime = self.path.stat().st_mtime_ns
         except FileNotFoundError:
             mtime = None
-        if mtime == self._mtime:
+        except OSError:
+            mtime = -1  # unreadable: the load below says why
+        if mtime == self._mtime or mtime == self._bad_mtime:
             return
         try:
             keys = ProviderKeys.load(self.path)
             public = {kid: (e["team"], serialization.load_pem_public_key(e["public_key"].encode()))
                       for kid, e in keys.keys.items()}
-        except ValueError as e:
+        except (ValueError, OSError) as e:
+            # Malformed, or unreadable (written 0600 by another user): said once per change of
+            # the file, however many unknown key ids ask for a fresh look.
+            self._bad_mtime = mtime
             self.log.error("keeping the previous provider keys: {why}", why=str(e))
             return
         self._mtime = mtime
