@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import ssl
 
-from pushd import wire
+from pushd import private, wire
 
 #: ALPN the courier offers and accepts (APNs clients offer it; Twisted aborts a handshake
 #: whose ALPN matches nothing, so the listener must list it).
@@ -87,11 +87,7 @@ def load_key(pem: bytes):
 
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret file readable by its owner only, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    private.write(path, data)
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: float, backdate: float = 300.0):
@@ -427,7 +423,7 @@ def load_or_create_pki(state_dir: Path, hostnames: list) -> GatewayPKI:
     First start creates the CA, server certificate, enrolment secret and provider key;
     later starts load them (the server certificate is re-issued when the names change).
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private.ensure_dir(state_dir)  # 0700, and whatever is in it 0600
     ca_key_p, ca_p = state_dir / "ca.key", state_dir / "ca.pem"
     if ca_key_p.exists() and ca_p.exists():
         ca_key = load_key(ca_key_p.read_bytes())
@@ -435,7 +431,7 @@ def load_or_create_pki(state_dir: Path, hostnames: list) -> GatewayPKI:
     else:
         ca_key, ca_cert = make_ca()
         write_private(ca_key_p, key_pem(ca_key))
-        ca_p.write_bytes(cert_pem(ca_cert))
+        write_private(ca_p, cert_pem(ca_cert))
 
     srv_key_p, srv_p = state_dir / "server.key", state_dir / "server.pem"
     server_key = server_cert = None
@@ -447,7 +443,7 @@ def load_or_create_pki(state_dir: Path, hostnames: list) -> GatewayPKI:
     if server_cert is None:
         server_key, server_cert = issue_server_cert(ca_key, ca_cert, hostnames, server_key)
         write_private(srv_key_p, key_pem(server_key))
-        srv_p.write_bytes(cert_pem(server_cert))
+        write_private(srv_p, cert_pem(server_cert))
 
     enrol_secret = secret_file(state_dir / "enrol.secret")
     provider_key = secret_file(state_dir / "provider.key").decode("ascii")

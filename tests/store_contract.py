@@ -14,7 +14,7 @@ from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from pushd import wire
-from pushd.store.interfaces import IMessageStore, IPresence, ITokenRegistry, StoredMessage
+from pushd.store.interfaces import IMessageStore, IPresence, ITokenRegistry, StoredMessage, topic_scoped_id
 
 DEV = "00112233445566778899aabbccddeeff"
 OTHER = "ffeeddccbbaa99887766554433221100"
@@ -125,6 +125,42 @@ class StoreContract:
         yield self.put(m2)
         got = yield self.pending()
         self.assertEqual([m.payload for m in got], [b"retry"])
+
+    @defer.inlineCallbacks
+    def test_same_id_from_another_topic_replaces_nothing(self):
+        """Another team reusing an apns-id for the same device neither deletes nor replaces the first."""
+        theirs = msg(b"theirs", topic="com.example.a")
+        yield self.put(theirs)
+        mine = msg(b"mine", topic="com.example.b", message_id=theirs.message_id)
+        yield self.put(mine)
+        got = yield self.pending()
+        self.assertEqual([m.payload for m in got], [b"theirs", b"mine"])
+        self.assertEqual(got[0], theirs, "the first keeps its id and fields")
+        scoped = topic_scoped_id(theirs.message_id, B)
+        self.assertEqual(got[1].message_id, scoped, "the second has its own id on the wire")
+        self.assertEqual(uuid.UUID(bytes=scoped).version, 8, "a UUID, never a random (v4) apns-id")
+        # Its provider's retry still replaces its own copy, and only that.
+        yield self.put(msg(b"mine again", topic="com.example.b", message_id=theirs.message_id))
+        got = yield self.pending()
+        self.assertEqual([(m.payload, m.message_id) for m in got],
+                         [(b"theirs", theirs.message_id), (b"mine again", scoped)])
+        # Each is acked on its own id: acking one leaves the other.
+        self.assertTrue((yield self.store.ack(DEV, theirs.message_id)))
+        got = yield self.pending()
+        self.assertEqual([m.payload for m in got], [b"mine again"])
+        self.assertEqual((yield self.store.counters())["pending"], 1)
+
+    @defer.inlineCallbacks
+    def test_taking_the_scoped_id_too_replaces_nothing(self):
+        """A team that also holds the topic-scoped id (precomputed) still deletes nothing."""
+        mid = uuid.uuid4().bytes
+        squat = [msg(b"squat1", message_id=mid), msg(b"squat2", message_id=topic_scoped_id(mid, B))]
+        yield self.put(*squat)
+        yield self.put(msg(b"mine", topic="com.example.b", message_id=mid))
+        got = yield self.pending()
+        self.assertEqual([m.payload for m in got], [b"squat1", b"squat2", b"mine"])
+        self.assertEqual(len({m.message_id for m in got}), 3, "three ids on the wire")
+        self.assertEqual((yield self.store.ack_many(DEV, [m.message_id for m in got])), 3)
 
     @defer.inlineCallbacks
     def test_collapse_id_replaces_in_same_topic_only(self):

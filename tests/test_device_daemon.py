@@ -3,6 +3,7 @@ from pathlib import Path
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 from twisted.internet.error import ConnectionLost
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -30,10 +31,12 @@ class Courier:
 class App:
     """Stands in for an app's AMP connection."""
 
-    def __init__(self):
+    def __init__(self, uid=1000, process="app[1]"):
         self.topics = set()
         self.calls = []
         self.transport = StringTransport()
+        self.uid = uid  # what AppProtocol reads from SO_PEERCRED
+        self.process = process
 
     def callRemote(self, command, **kw):
         d = defer.Deferred()
@@ -201,6 +204,79 @@ class DaemonTests(Fixture, unittest.TestCase):
         r = self.daemon.status()
         self.assertEqual(r["courier"]["courier status"], "Connected")
         self.assertEqual(r["apps"][0]["persistent connection status"], "Waiting for push notifications")
+
+
+class OwnershipTests(Fixture, unittest.TestCase):
+    """A topic belongs to the uid that registered it (AppProtocol reads it by SO_PEERCRED;
+    here the stand-in carries it; tests/test_isolation.py does it over a real socket)."""
+
+    def setUp(self):
+        Fixture.setUp(self)
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+        self.owner = App(uid=1000, process="mail[10]")
+        self.daemon.register(TOPIC, self.owner)
+
+    def lines(self, word):
+        return [formatEvent(e) for e in self.logged if word in e.get("log_format", "")]
+
+    def test_another_uid_cannot_register_or_unregister(self):
+        thief = App(uid=1001, process="thief[11]")
+        with self.assertRaisesRegex(cmds.TopicOwned, "registered by another user \\(uid 1000\\)"):
+            self.daemon.register(TOPIC, thief)
+        with self.assertRaises(cmds.TopicOwned):
+            self.daemon.unregister(TOPIC, thief)
+        self.assertIs(self.daemon.apps[TOPIC], self.owner)
+        self.assertFalse(self.owner.transport.disconnecting)
+        self.assertIn(TOPIC, self.daemon.identity.apps)
+        self.daemon.notificationReceived(note(b"for the owner", b"m1"))
+        self.assertEqual([kw["payload"] for _, kw, _ in self.owner.calls], [b"for the owner"])
+        self.assertEqual(thief.calls, [])
+        (line,) = self.lines("refused")
+        self.assertIn("refused to register com.example.app for thief[11] (uid 1001): it belongs to uid 1000", line)
+
+    def test_unknown_uid_is_refused(self):
+        with self.assertRaisesRegex(cmds.TopicOwned, "cannot tell which user"):
+            self.daemon.register("com.example.other", App(uid=None))
+        self.assertNotIn("com.example.other", self.daemon.identity.apps)
+
+    def test_same_uid_takes_over_with_a_log_line(self):
+        again = App(uid=1000, process="mail[12]")
+        self.daemon.register(TOPIC, again)
+        self.assertIs(self.daemon.apps[TOPIC], again)
+        self.assertTrue(self.owner.transport.disconnecting)
+        (line,) = self.lines("taken over")
+        self.assertIn("com.example.app taken over by mail[12] from mail[10] (both uid 1000)", line)
+        self.assertTrue(self.daemon.unregister(TOPIC, again), "the owner may unregister")
+
+    def test_binding_survives_a_restart(self):
+        self.daemon.held.close()
+        again = DeviceDaemon(Identity.load(self.ident.state_dir), self.clock)
+        self.addCleanup(again.held.close)
+        self.assertEqual(again.owner(TOPIC), 1000)
+        with self.assertRaises(cmds.TopicOwned):
+            again.register(TOPIC, App(uid=1001))
+        again.register(TOPIC, App(uid=1000))
+
+    def test_topics_from_before_owners_were_kept_are_the_daemon_users(self):
+        del self.ident.apps[TOPIC]["uid"]
+        self.ident.save()
+        self.daemon.held.close()
+        again = DeviceDaemon(Identity.load(self.ident.state_dir), self.clock, default_uid=1002)
+        self.addCleanup(again.held.close)
+        with self.assertRaises(cmds.TopicOwned):
+            again.register(TOPIC, App(uid=1000))
+        again.register(TOPIC, App(uid=1002))
+        self.assertEqual(Identity.load(self.ident.state_dir).apps[TOPIC]["uid"], 1002, "now explicit")
+
+    def test_refusals_are_logged_at_most_once_a_second(self):
+        for _ in range(50):
+            self.assertRaises(cmds.TopicOwned, self.daemon.register, TOPIC, App(uid=1001))
+        self.assertEqual(len(self.lines("refused")), 1)
+        self.clock.advance(1)
+        self.assertRaises(cmds.TopicOwned, self.daemon.register, TOPIC, App(uid=1001))
+        self.assertIn("(49 more refusals not logged)", self.lines("refused")[-1])
 
 
 class BackpressureTests(Fixture, unittest.TestCase):

@@ -1,8 +1,11 @@
 """The store contract, run against every provider."""
 
+import os
+import stat
 from pathlib import Path
 
 from twisted.internet import defer
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from pushd.store.interfaces import StoreUnavailable
@@ -65,3 +68,39 @@ class SQLiteStoreTests(StoreContract, DurableStoreContract, unittest.TestCase):
         d = self.store.close()
         self.failureResultOf(self.store.enqueue(msg()), StoreUnavailable)
         return d
+
+    @defer.inlineCallbacks
+    def test_files_are_0600_whatever_the_umask(self):
+        """The database and its -wal and -shm hold payloads: owner only."""
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = SQLiteStore(path)
+        yield store.enqueue(msg(b"secret"))
+        files = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
+        self.assertEqual({f.name: stat.S_IMODE(f.stat().st_mode) for f in files},
+                         {f.name: 0o600 for f in files})
+        yield store.close()
+
+    @defer.inlineCallbacks
+    def test_looser_files_are_tightened_at_start_and_logged(self):
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = SQLiteStore(path)
+        yield store.enqueue(msg(b"secret"))
+        yield store.close()
+        files = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
+        for f in files:
+            if not f.exists():
+                f.write_bytes(b"")
+            f.chmod(0o644)
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        store = SQLiteStore(path)
+        # (SQLite may remove an empty -wal and -shm when a connection closes.)
+        self.assertEqual([stat.S_IMODE(f.stat().st_mode) for f in files if f.exists()],
+                         [0o600] * sum(f.exists() for f in files))
+        self.assertEqual(sorted(e["path"] for e in logged if e.get("old") == "0644"), sorted(map(str, files)))
+        yield store.close()

@@ -7,12 +7,19 @@ class NotRegistered(Exception):
     pass
 
 
+class TopicOwned(Exception):
+    """The topic belongs to another user (uid) of this machine: the daemon refuses to hand it over."""
+
+
 class Register(amp.Command):
-    """An app claims a topic (its application port name); answered with its token (hex)."""
+    """
+    An app claims a topic (its application port name); answered with its token (hex). The
+    first uid to register a topic owns it; the same uid registering again takes it over.
+    """
 
     arguments = [(b"topic", amp.Unicode())]
     response = [(b"token", amp.Unicode())]
-    errors = {ValueError: b"BAD_TOPIC"}
+    errors = {ValueError: b"BAD_TOPIC", TopicOwned: b"TOPIC_OWNED"}
 
 
 class Status(amp.Command):
@@ -45,3 +52,4 @@ class Unregister(amp.Command):
 
     arguments = [(b"topic", amp.Unicode())]
     response = [(b"known", amp.Boolean())]
+    errors = {TopicOwned: b"TOPIC_OWNED"}

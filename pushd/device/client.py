@@ -30,7 +30,8 @@ class AppClient(amp.AMP):
         return {}
 
     def register(self, topic: str):
-        """Fire with the topic's token (bytes) once the daemon has it."""
+        """Fire with the topic's token (bytes) once the daemon has it; fail with
+        TopicOwned if another user of this machine registered the topic."""
         d = self.callRemote(cmds.Register, topic=topic)
         return d.addCallback(lambda r: bytes.fromhex(r["token"]))
 

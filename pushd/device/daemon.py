@@ -6,6 +6,7 @@ It hears the courier (ICourierListener) and the apps (AMP on a UNIX socket).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 
@@ -39,8 +40,12 @@ class DeviceDaemon:
 
     log = Logger()
 
-    def __init__(self, identity, clock, environment="production"):
+    def __init__(self, identity, clock, environment="production", default_uid=None):
         self.identity = identity
+        # Topics registered before owners were kept: only the daemon's own user could reach
+        # its 0600 socket then, so they are that user's.
+        self.default_uid = os.geteuid() if default_uid is None else default_uid
+        self.quiet = LogBudget(clock)
         self.environment = environment
         self.clock = clock
         self.factory = None  # the CourierClientFactory, set by the service
@@ -157,15 +162,46 @@ class DeviceDaemon:
 
     # --- app events ---------------------------------------------------------------------
 
+    def owner(self, topic: str):
+        """The uid a registered topic belongs to (None if nobody registered it)."""
+        info = self.identity.apps.get(topic)
+        return None if info is None else info.get("uid", self.default_uid)
+
+    def _check_owner(self, topic: str, app, action: str):
+        """Only the user who registered a topic may register (take over) or unregister it."""
+        uid = getattr(app, "uid", None)
+        owner = self.owner(topic)
+        if uid is not None and owner in (None, uid):
+            return uid
+        skipped = self.quiet("refused")
+        if skipped is not None:
+            self.log.warn("refused to {action} {topic} for {process} (uid {uid}): it belongs to uid {owner}{more}",
+                          action=action, topic=topic, process=getattr(app, "process", None), uid=uid,
+                          owner=owner, skipped=skipped, more=_more(skipped, "refusals"))
+        if uid is None:
+            raise cmds.TopicOwned("the daemon cannot tell which user is asking (no SO_PEERCRED)")
+        raise cmds.TopicOwned(f"{topic} is registered by another user (uid {owner}) on this device")
+
     def register(self, topic: str, app):
         if not topic or len(topic.encode("utf-8")) > MAX_TOPIC:
             raise ValueError("topic must be 1 to 255 bytes")
-        if topic not in self.identity.apps:
-            self.identity.apps[topic] = {"created": self.clock.seconds()}
+        uid = self._check_owner(topic, app, "register")
+        info = self.identity.apps.get(topic)
+        if info is None:
+            self.identity.apps[topic] = {"created": self.clock.seconds(), "uid": uid}
             self.identity.save()
             self._sync_topics()
+        elif info.get("uid") != uid:
+            info["uid"] = uid  # kept from before owners were recorded: now explicit
+            self.identity.save()
         old = self.apps.get(topic)
         if old is not None and old is not app:
+            skipped = self.quiet("takeover")
+            if skipped is not None:
+                self.log.info("{topic} taken over by {process} from {old} (both uid {uid}){more}",
+                              topic=topic, uid=uid, process=getattr(app, "process", None),
+                              old=getattr(old, "process", None), skipped=skipped,
+                              more=_more(skipped, "takeovers"))
             old.transport.loseConnection()
         self.apps[topic] = app
         app.topics.add(topic)
@@ -177,10 +213,13 @@ class DeviceDaemon:
         self._token_waiters.setdefault(topic, []).append(d)
         return d
 
-    def unregister(self, topic: str) -> bool:
-        """The app is uninstalled: forget the topic; the gateway answers its token 410."""
+    def unregister(self, topic: str, app=None) -> bool:
+        """The app is uninstalled: forget the topic; the gateway answers its token 410.
+        ``app`` (the asking connection) must be of the topic's owner."""
         if topic not in self.identity.apps:
             return False
+        if app is not None:
+            self._check_owner(topic, app, "unregister")
         del self.identity.apps[topic]
         token = self.identity.tokens.pop(topic, None)
         if token is not None:
@@ -256,15 +295,51 @@ class DeviceDaemon:
         }
 
 
-def peer_process(transport):
-    """``name[pid]`` of the process at the other end of a UNIX socket (Linux SO_PEERCRED)."""
+class LogBudget:
+    """At most one log line a second per kind of event; those in between are counted into the next."""
+
+    def __init__(self, clock, interval=1.0):
+        self.clock = clock
+        self.interval = interval
+        self._last: dict = {}
+        self._skipped: dict = {}
+
+    def __call__(self, kind: str):
+        """How many were skipped since the last line, if one may be logged now; else None."""
+        now = self.clock.seconds()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        return self._skipped.pop(kind, 0)
+
+
+def _more(skipped: int, what: str) -> str:
+    return f" ({skipped} more {what} not logged)" if skipped else ""
+
+
+def peer_credentials(transport):
+    """(pid, uid, gid) of the process at the other end of a UNIX socket (Linux SO_PEERCRED), or None."""
     try:
         sock = transport.getHandle()
-        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        with open(f"/proc/{pid}/comm") as f:
-            return f"{f.read().strip()}[{pid}]"
+        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     except (AttributeError, OSError, struct.error):
         return None
+
+
+def process_name(pid: int):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f"{f.read().strip()}[{pid}]"
+    except OSError:
+        return None
+
+
+def peer_process(transport):
+    """``name[pid]`` of the process at the other end of a UNIX socket (Linux SO_PEERCRED)."""
+    cred = peer_credentials(transport)
+    return process_name(cred[0]) if cred else None
 
 
 class AppProtocol(amp.AMP):
@@ -275,10 +350,14 @@ class AppProtocol(amp.AMP):
         self.daemon = daemon
         self.topics = set()
         self.process = None
+        self.uid = None  # the app's user: who may take its topics over
 
     def connectionMade(self):
         super().connectionMade()
-        self.process = peer_process(self.transport)
+        cred = peer_credentials(self.transport)
+        if cred is not None:
+            self.uid = cred[1]
+            self.process = process_name(cred[0])
 
     @cmds.Register.responder
     def register(self, topic):
@@ -287,7 +366,7 @@ class AppProtocol(amp.AMP):
 
     @cmds.Unregister.responder
     def unregister(self, topic):
-        return {"known": self.daemon.unregister(topic)}
+        return {"known": self.daemon.unregister(topic, self)}
 
     @cmds.Reconnect.responder
     def reconnect(self):

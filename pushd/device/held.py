@@ -11,11 +11,14 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from pushd import private
+
 SEEN_KEPT = 4096
 
 
 class HeldQueue:
     def __init__(self, path: Path):
+        private.sqlite_file(path)  # 0600, and so its -wal and -shm: they hold payloads
         self.db = sqlite3.connect(str(path), isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")

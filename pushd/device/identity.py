@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from pushd import tls
+from pushd import private, tls
 
 
 class EnrolError(Exception):
@@ -54,10 +54,10 @@ class Identity:
     @classmethod
     def create(cls, state_dir: Path, key, cert: x509.Certificate, ca_pem: bytes):
         """Write a new identity's key, certificate and CA; the state starts empty."""
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private.ensure_dir(state_dir)
         tls.write_private(state_dir / "device.key", tls.key_pem(key))
-        (state_dir / "device.pem").write_bytes(tls.cert_pem(cert))
-        (state_dir / "ca.pem").write_bytes(ca_pem)
+        tls.write_private(state_dir / "device.pem", tls.cert_pem(cert))
+        tls.write_private(state_dir / "ca.pem", ca_pem)
         ident = cls(state_dir, key, cert, ca_pem, provisioned_now=True)
         ident.save()
         return ident
@@ -68,6 +68,7 @@ class Identity:
         paths = [state_dir / n for n in ("device.key", "device.pem", "ca.pem")]
         if not all(p.exists() for p in paths):
             return None
+        private.ensure_dir(state_dir)  # 0700 and 0600, tightened (and logged) if looser
         ident = cls(
             state_dir,
             tls.load_key(paths[0].read_bytes()),
@@ -95,10 +96,7 @@ class Identity:
             "apps": self.apps,
             "unregistered": {t: v.hex() for t, v in self.unregistered.items()},
         }
-        path = self.state_dir / "state.json"
-        tmp = path.with_name("state.json.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        private.write(self.state_dir / "state.json", json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def enrol(url: str, secret: bytes, state_dir: Path, key_type: str = "ec", timeout: float = 15.0) -> Identity:
@@ -107,7 +105,7 @@ def enrol(url: str, secret: bytes, state_dir: Path, key_type: str = "ec", timeou
     runs once, before the reactor starts. The TLS is not verified (no CA yet): the request
     and the answer are authenticated by MACs keyed with the enrolment secret.
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private.ensure_dir(state_dir)
     key = tls.new_key(key_type)
     csr = (
         x509.CertificateSigningRequestBuilder()

@@ -2,8 +2,10 @@
 Provider authentication as APNs does it: a JWT signed ES256, header ``kid`` (key id),
 claims ``iss`` (team id) and ``iat``. The gateway holds each key's public half and the
 topics its team may push to, in ``STATE-DIR/providers.json`` (written by ``pushctl keys``,
-re-read when it changes). Verified tokens are cached, so a busy connection does not verify
-the same token's signature on every request.
+re-read when it changes). PyJWT checks the signature (ES256 only); every header field and
+claim the gateway reads has its type checked, so a malformed token is InvalidProviderToken,
+never an exception. Verified tokens are cached by their text, so a busy connection verifies
+a token once, not on every request.
 
 The static key in ``STATE-DIR/provider.key`` stays accepted as ``bearer <key>``: the
 operator's own key, allowed every topic.
@@ -12,21 +14,19 @@ operator's own key, allowed every topic.
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import json
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from twisted.logger import Logger
 
+from pushd import private
 from pushd.gateway.router import Rejected
 
 #: APNs refuses a token whose iat is older than one hour.
@@ -35,6 +35,18 @@ TOKEN_LIFETIME = 3600
 FUTURE_SKEW = 300
 MAX_TOKEN = 2048
 CACHE_SIZE = 10000
+ALGORITHMS = ["ES256"]
+#: What APNs appends to a bundle id for the other push types ("Sending notification
+#: requests to APNs": voip, complication, fileprovider, location, liveactivity,
+#: pushtotalk, widgets). A team owning com.b may push to com.b and com.b<suffix>, no more.
+TOPIC_SUFFIXES = (".voip", ".complication", ".pushkit.fileprovider", ".location-query",
+                  ".push-type.liveactivity", ".voip-ptt", ".push-type.widgets")
+#: PyJWT checks the signature and the algorithm; the times are checked here, on the
+#: gateway's (injected) clock, and the claims' types too.
+_DECODE_OPTIONS = {"verify_signature": True, "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+                   "verify_aud": False, "verify_iss": False, "require": []}
+#: What a hostile token can make PyJWT raise (its own errors; the rest are our type checks').
+_BAD_TOKEN = (jwt.PyJWTError, ValueError, TypeError, KeyError, AttributeError)
 
 
 def b64url(data: bytes) -> str:
@@ -47,12 +59,13 @@ def unb64url(text: str) -> bytes:
 
 def make_jwt(private_key, key_id: str, team_id: str, iat: int | None = None) -> str:
     """An APNs provider token (what a provider library builds from its .p8 key)."""
-    header = b64url(json.dumps({"alg": "ES256", "kid": key_id}, separators=(",", ":")).encode())
-    claims = b64url(json.dumps({"iss": team_id, "iat": int(time.time() if iat is None else iat)},
-                               separators=(",", ":")).encode())
-    signing_input = f"{header}.{claims}".encode("ascii")
-    r, s = decode_dss_signature(private_key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
-    return f"{header}.{claims}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+    claims = {"iss": team_id, "iat": int(time.time() if iat is None else iat)}
+    return jwt.encode(claims, private_key, algorithm="ES256", headers={"kid": key_id})
+
+
+def owned_topics(topics) -> frozenset:
+    """Every topic a team owning ``topics`` may push to: each exactly, and with APNs' suffixes."""
+    return frozenset(t + suffix for t in topics for suffix in ("", *TOPIC_SUFFIXES))
 
 
 @dataclass
@@ -72,14 +85,17 @@ class ProviderKeys:
             for kid, entry in keys.keys.items():
                 if not isinstance(entry.get("team"), str) or not isinstance(entry.get("public_key"), str):
                     raise ValueError(f"key {kid!r} lacks its team or public_key")
+            for team, entry in keys.teams.items():
+                topics = entry.get("topics", [])
+                if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
+                    raise ValueError(f"team {team!r}: topics is not a list of strings")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is not a valid providers file: {e!r}") from None
         return keys
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"teams": self.teams, "keys": self.keys}, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        data = json.dumps({"teams": self.teams, "keys": self.keys}, indent=1, sort_keys=True)
+        private.write(path, data.encode())
 
     def add_key(self, key_id: str, team: str, public_pem: bytes, topics=()):
         public = serialization.load_pem_public_key(public_pem)
@@ -102,9 +118,10 @@ class Authenticator:
         self.static_keys = [k.encode() if isinstance(k, str) else k for k in static_keys]
         self._clock = clock
         self._mtime = None
+        self._bad_mtime = None  # the version of the file that failed to load
         self._checked = None
         self._public: dict = {}
-        self._teams: dict = {}
+        self._teams: dict = {}  # team -> frozenset of the topics it may push to
         self._cache: OrderedDict = OrderedDict()  # token -> (team, iat)
         self.verified = 0
         self.cache_hits = 0
@@ -123,18 +140,23 @@ class Authenticator:
             mtime = self.path.stat().st_mtime_ns
         except FileNotFoundError:
             mtime = None
-        if mtime == self._mtime:
+        except OSError:
+            mtime = -1  # unreadable: the load below says why
+        if mtime == self._mtime or mtime == self._bad_mtime:
             return
         try:
             keys = ProviderKeys.load(self.path)
             public = {kid: (e["team"], serialization.load_pem_public_key(e["public_key"].encode()))
                       for kid, e in keys.keys.items()}
-        except ValueError as e:
+        except (ValueError, OSError) as e:
+            # Malformed, or unreadable (written 0600 by another user): said once per change of
+            # the file, however many unknown key ids ask for a fresh look.
+            self._bad_mtime = mtime
             self.log.error("keeping the previous provider keys: {why}", why=str(e))
             return
         self._mtime = mtime
         self._public = public
-        self._teams = {team: list(t.get("topics", [])) for team, t in keys.teams.items()}
+        self._teams = {team: owned_topics(t.get("topics", [])) for team, t in keys.teams.items()}
         self._cache.clear()
 
     def authenticate(self, header: bytes | None):
@@ -168,36 +190,34 @@ class Authenticator:
 
     def _verify(self, token: bytes, now: float):
         try:
-            header_b64, claims_b64, sig_b64 = token.decode("ascii").split(".")
-            header = json.loads(unb64url(header_b64))
-            claims = json.loads(unb64url(claims_b64))
-            sig = unb64url(sig_b64)
-            alg, kid = header["alg"], header["kid"]
-            iss, iat = claims["iss"], claims["iat"]
-            if not isinstance(iat, int) or isinstance(iat, bool):
-                raise TypeError("iat is not an integer")
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+            kid = jwt.get_unverified_header(token).get("kid")
+        except _BAD_TOKEN:
             raise Rejected(403, "InvalidProviderToken") from None
+        if not isinstance(kid, str):
+            raise Rejected(403, "InvalidProviderToken")
         if kid not in self._public:
             # A key registered a moment ago (pushctl keys add) must work at once: look again.
             self._reload(force=True)
-        if alg != "ES256" or len(sig) != 64 or kid not in self._public:
+        entry = self._public.get(kid)
+        if entry is None:
             raise Rejected(403, "InvalidProviderToken")
-        team, public = self._public[kid]
-        if iss != team:
-            raise Rejected(403, "InvalidProviderToken")
-        der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+        team, public = entry
         try:
-            public.verify(der, f"{header_b64}.{claims_b64}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
-        except InvalidSignature:
+            claims = jwt.decode(token, public, algorithms=ALGORITHMS, options=_DECODE_OPTIONS)
+        except _BAD_TOKEN:
             raise Rejected(403, "InvalidProviderToken") from None
+        iss, iat = claims.get("iss"), claims.get("iat")
+        # iat an integer (not a bool, float or string); iss equal to the key's team, which
+        # only that very string is.
+        if type(iat) is not int or iss != team:
+            raise Rejected(403, "InvalidProviderToken")
         if iat - now > FUTURE_SKEW:
             raise Rejected(403, "InvalidProviderToken")
         self.verified += 1
         return team, iat
 
     def allowed(self, team, topic: str) -> bool:
-        """A team may push to its topics and their APNs suffixes (.voip, .complication, ...)."""
+        """A team may push to its topics exactly, and to them with APNs' suffixes (.voip, ...)."""
         if team is None:
             return True
-        return any(topic == t or topic.startswith(t + ".") for t in self._teams.get(team, ()))
+        return topic in self._teams.get(team, ())

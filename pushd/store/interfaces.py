@@ -6,6 +6,7 @@ Every method returns a Deferred.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from zope.interface import Interface
@@ -29,6 +30,21 @@ class StoredMessage:
     received: float = 0.0
 
 
+def topic_scoped_id(message_id: bytes, topic_hash: bytes) -> bytes:
+    """
+    The id a message takes when another topic's message on the device already has its
+    apns-id: derived from both, so the same provider's retry maps to the same id. A UUID
+    of version 8 (RFC 9562, "custom"), never equal to a random (version 4) apns-id.
+    """
+    d = int.from_bytes(hashlib.sha256(b"pushd/topic-scoped-id\0" + topic_hash + message_id).digest()[:16], "big")
+    return ((d & _KEEP) | _V8).to_bytes(16, "big")
+
+
+# The version nibble (8) and the variant bits (10) of an RFC 9562 UUID, set on 128 bits.
+_KEEP = ((1 << 128) - 1) ^ (0xF << 76) ^ (0xC0 << 56)
+_V8 = (0x8 << 76) | (0x80 << 56)
+
+
 class IMessageStore(Interface):
     """Per-(device, topic) queues of accepted, not yet acknowledged notifications."""
 
@@ -37,9 +53,14 @@ class IMessageStore(Interface):
         Persist ``message`` (a StoredMessage); fire with None once it is durable. If its
         token is invalidated (ITokenRegistry), store nothing and fire with the time it was:
         one call per push, not two, on the provider's hot path. The same message id
-        for the same device again replaces the earlier one (a provider's retry). A pending
-        message of the same device and topic with the same collapse id is replaced. Beyond
-        the per-(device, topic) cap the oldest is dropped and counted.
+        for the same device and topic again replaces the earlier one (a provider's retry).
+        An apns-id is not proof of ownership: a message of another topic (another team's)
+        with the same id is left alone, and this one is stored under
+        ``topic_scoped_id(id, topic hash)`` instead, or a random id if another topic holds
+        that too; so a device's messages keep distinct ids on the wire, and a retry still
+        finds its copy. A pending message of the same device and topic with the same
+        collapse id is replaced. Beyond the per-(device, topic) cap the oldest is dropped
+        and counted.
         """
 
     def pending(device_id, topic_hashes, limit, now):

@@ -5,12 +5,14 @@ tests and throwaway gateways. The durable providers implement the same interface
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import uuid
 
 from twisted.internet import defer
 from zope.interface import implementer
 
-from pushd.store.interfaces import IMessageStore, IPresence, ITokenRegistry
+from pushd.store.interfaces import IMessageStore, IPresence, ITokenRegistry, topic_scoped_id
 
 
 @implementer(IMessageStore, ITokenRegistry, IPresence)
@@ -30,7 +32,14 @@ class MemoryStore:
         if since is not None:
             return defer.succeed(since)
         q = self._devices.setdefault(m.device_id, {})
-        q.pop(m.message_id, None)
+        # Replace by id only within the topic (IMessageStore.enqueue).
+        mid, scoped = m.message_id, topic_scoped_id(m.message_id, m.topic_hash)
+        for key in (mid, scoped):
+            held = q.get(key)
+            if held is not None and held[1].topic_hash == m.topic_hash:
+                del q[key]
+        if mid in q:
+            m = dataclasses.replace(m, message_id=scoped if scoped not in q else uuid.uuid4().bytes)
         if m.collapse_id is not None:
             for mid, (_, old) in list(q.items()):
                 if old.topic_hash == m.topic_hash and old.collapse_id == m.collapse_id:

@@ -27,6 +27,7 @@ targets a single Redis instance, not Cluster.
 
 from __future__ import annotations
 
+import os
 import struct
 
 from urllib.parse import unquote, urlsplit
@@ -43,6 +44,7 @@ from pushd.store.interfaces import (
     ITokenRegistry,
     StoredMessage,
     StoreUnavailable,
+    topic_scoped_id,
 )
 
 # Shared by the message scripts: one place that knows every index a message is in.
@@ -73,14 +75,23 @@ end
 """
 
 # KEYS: expiry, pending, dropped, invalid tokens
-# ARGV: base, id, token, topic, th, payload, expiry, priority, received, per_topic[, collapse id]
+# ARGV: base, id, token, topic, th, payload, expiry, priority, received, per_topic,
+#       topic-scoped id, random id[, collapse id]
 # Returns {1, since} (nothing stored) for an invalidated token, else {0, dropped}.
+# Replaces by id only within the topic; the id another topic holds is left to it
+# (IMessageStore.enqueue).
 _ENQUEUE = _LIB + """
 local since = redis.call('HGET', KEYS[4], ARGV[3])
 if since then return {1, since} end
-local base, mid, th = ARGV[1], ARGV[2], ARGV[5]
-local gone = remove(base, mid, KEYS[1])
-local cid = ARGV[11]
+local base, mid, th, scoped = ARGV[1], ARGV[2], ARGV[5], ARGV[11]
+local gone = 0
+for _, id in ipairs({mid, scoped}) do
+  if redis.call('HGET', base .. 'm:' .. id, 'th') == th then gone = gone + remove(base, id, KEYS[1]) end
+end
+if redis.call('EXISTS', base .. 'm:' .. mid) == 1 then
+  if redis.call('EXISTS', base .. 'm:' .. scoped) == 0 then mid = scoped else mid = ARGV[12] end
+end
+local cid = ARGV[13]
 if cid then
   local cf = cfield(th, cid)
   local old = redis.call('HGET', base .. 'c', cf)
@@ -491,7 +502,8 @@ class RedisStore:
         except TypeError:
             return defer.fail()
         args = [self._base(m.device_id), m.message_id, m.token, m.topic.encode("utf-8"), m.topic_hash,
-                m.payload, _num(m.expiry), _num(m.priority), _num(float(m.received)), _num(self.per_topic)]
+                m.payload, _num(m.expiry), _num(m.priority), _num(float(m.received)), _num(self.per_topic),
+                topic_scoped_id(m.message_id, m.topic_hash), os.urandom(16)]
         if m.collapse_id is not None:
             args.append(m.collapse_id.encode("utf-8"))
         d = self._script(_ENQUEUE, [self._expiry, self._pending, self._dropped, self._invalid], args, m.device_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
+import uuid
 from pathlib import Path
 
 from twisted.internet import defer
@@ -19,12 +20,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pushd import private
 from pushd.store.interfaces import (
     IMessageStore,
     IPresence,
     ITokenRegistry,
     StoredMessage,
     StoreUnavailable,
+    topic_scoped_id,
 )
 
 SCHEMA = """
@@ -81,8 +84,9 @@ class SQLiteStore:
         self.batch = batch
         # Open once here so that a bad path or a corrupt file fails at start-up, loudly.
         try:
+            private.sqlite_file(self.path)  # 0600, and so its -wal and -shm: they hold payloads
             _open(self.path, synchronous).close()
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise StoreUnavailable(f"cannot open SQLite store {self.path}: {e}")
         self._synchronous = synchronous
         self._queue: queue.Queue = queue.Queue()
@@ -171,7 +175,15 @@ class SQLiteStore:
         row = db.execute("SELECT since FROM invalid_tokens WHERE token = ?", (m.token,)).fetchone()
         if row is not None:
             return row[0]
-        db.execute("DELETE FROM messages WHERE device_id = ? AND message_id = ?", (m.device_id, m.message_id))
+        # Replace by id only within the topic (IMessageStore.enqueue).
+        mid, scoped = m.message_id, topic_scoped_id(m.message_id, m.topic_hash)
+        db.execute("DELETE FROM messages WHERE device_id = ? AND message_id IN (?, ?) AND topic_hash = ?",
+                   (m.device_id, mid, scoped, m.topic_hash))
+        taken = {row[0] for row in db.execute(
+            "SELECT message_id FROM messages WHERE device_id = ? AND message_id IN (?, ?)",
+            (m.device_id, mid, scoped))}
+        if mid in taken:
+            mid = scoped if scoped not in taken else uuid.uuid4().bytes
         if m.collapse_id is not None:
             db.execute(
                 "DELETE FROM messages WHERE device_id = ? AND topic_hash = ? AND collapse_id = ?",
@@ -179,7 +191,7 @@ class SQLiteStore:
             )
         db.execute(
             f"INSERT INTO messages ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (m.message_id, m.device_id, m.token, m.topic, m.topic_hash, m.payload,
+            (mid, m.device_id, m.token, m.topic, m.topic_hash, m.payload,
              m.expiry, m.priority, m.collapse_id, m.received),
         )
         (count,) = db.execute(
