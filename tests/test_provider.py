@@ -115,7 +115,10 @@ class ProviderTests(ServerMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_voip_allows_5120(self):
-        code, reason, _ = yield self.request(body=b'{"a":"' + b"x" * 5000 + b'"}', apns_push_type="voip")
+        voip = TOPIC + ".voip"  # APNs: a voip push goes to the bundle id + .voip
+        token = self.tokens.scoped_token(DEVICE, wire.topic_hash(voip)).hex()
+        code, reason, _ = yield self.request(path=f"/3/device/{token}", body=b'{"a":"' + b"x" * 5000 + b'"}',
+                                             apns_push_type="voip", apns_topic=voip)
         self.assertEqual(code, 200, reason)
 
     def test_huge_body_is_not_buffered(self):

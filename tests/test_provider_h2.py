@@ -90,7 +90,7 @@ class HTTP2Tests(ServerMixin, unittest.TestCase):
             (403, "InvalidProviderToken", dict(auth="bearer " + self.jwt(kid="NOPE"))),
             (403, "InvalidProviderToken", dict(auth="bearer x.y.z")),
             (403, "MissingProviderToken", dict(auth=None)),
-            (403, "TopicDisallowed", dict(auth="bearer " + self.jwt(kid="KEY2", team="TEAM2"))),
+            (400, "TopicDisallowed", dict(auth="bearer " + self.jwt(kid="KEY2", team="TEAM2"))),
             (404, "BadPath", dict(path="/3/devices/" + self.token)),
             (405, "MethodNotAllowed", dict(method="PUT")),
             (410, "Unregistered", dict(path=f"/3/device/{gone}", apns_topic="com.example.gone", auth=static)),
