@@ -16,7 +16,9 @@ from pushd.endpoints import BadListener, listener
 from pushd.gateway.auth import Authenticator
 from pushd.gateway.courier import CourierFactory
 from pushd.gateway.enrol import Enrolment
-from pushd.gateway.provider import make_site
+from pushd.gateway import hpackfast
+from pushd.gateway.provider import Limits, make_site
+from pushd.gateway.provider.limits import H2_INITIAL_WINDOW, at_least
 from pushd.gateway.ratelimit import Buckets
 from pushd.gateway.router import Router
 from pushd.gateway.tokens import TokenMinter
@@ -43,6 +45,22 @@ class Options(config.Options):
         ["token-burst", None, 100.0, "Pushes to one device token allowed in a burst.", config.positive(float)],
         ["team-rate", None, 10000.0, "Pushes per second from one team (or the operator key).", config.positive(float)],
         ["team-burst", None, 20000.0, "Pushes from one team allowed in a burst.", config.positive(float)],
+    ] + [
+        # Provider API limits before authentication (docs/security.md, "Provider API limits").
+        ["header-deadline", None, 5.0, "Seconds from a provider connection's start (or a request's first byte) "
+         "to its complete request headers; trickling does not extend it.", config.positive(float)],
+        ["h2-max-streams", None, 1000, "HTTP/2 streams at once per connection once a valid provider token "
+         "arrived (one before, as APNs).", config.positive(int)],
+        ["h2-body-budget", None, 256 * 1024, "Bytes of request bodies not yet dispatched held per HTTP/2 "
+         "connection (its flow-control window).", at_least(int, H2_INITIAL_WINDOW, "h2-body-budget")],
+        ["h2-requests-per-second", None, 5000, "Requests per HTTP/2 connection per second; beyond: GOAWAY "
+         "ENHANCE_YOUR_CALM.", config.positive(int)],
+        ["h2-resets-per-second", None, 100, "Stream resets (RST_STREAM) per HTTP/2 connection per second; "
+         "beyond: GOAWAY ENHANCE_YOUR_CALM.", config.positive(int)],
+        ["h2-max-header-bytes", None, 16 * 1024, "Bytes of one HTTP/2 request header block.",
+         at_least(int, 4096, "h2-max-header-bytes")],
+        ["hpack-cache-bytes", None, hpackfast.CACHE_BYTES, "Bytes of decoded HPACK strings remembered "
+         "(JWTs), in all.", at_least(int, 0, "hpack-cache-bytes")],
     ]
     optFlags = [
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
@@ -87,6 +105,17 @@ def _expire(store, router):
     return store.expire(router.now()).addCallbacks(done, lambda f: log.warn("expiry sweep failed: {why}", why=f.getErrorMessage()))
 
 
+def provider_limits(options) -> Limits:
+    return Limits(
+        header_deadline=options["header-deadline"],
+        max_streams=options["h2-max-streams"],
+        body_budget=options["h2-body-budget"],
+        requests_per_second=options["h2-requests-per-second"],
+        resets_per_second=options["h2-resets-per-second"],
+        max_header_bytes=options["h2-max-header-bytes"],
+    )
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -109,10 +138,12 @@ def makeService(options, reactor=None):
         window=options["window"],
     )
     auth = Authenticator(state / "providers.json", [pki.provider_key], reactor)
+    hpackfast.configure(options["hpack-cache-bytes"])
     site = make_site(
         router, auth, Enrolment(pki),
         token_limit=Buckets(options["token-rate"], options["token-burst"], reactor),
         team_limit=Buckets(options["team-rate"], options["team-burst"], reactor),
+        limits=provider_limits(options),
     )
     site.timeOut = options["idle-timeout"]
     site.access_log = bool(options["access-log"])
