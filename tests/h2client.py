@@ -12,7 +12,10 @@ from h2.events import (
     ResponseReceived,
     StreamEnded,
     StreamReset,
+    WindowUpdated,
 )
+from h2.exceptions import ProtocolError
+from hyperframe.frame import PingFrame
 from twisted.internet import defer, protocol, reactor, ssl
 
 
@@ -43,6 +46,7 @@ class H2Client(protocol.Protocol):
         self.queued: list = []  # requests beyond the server's MAX_CONCURRENT_STREAMS, as clients queue them
         self.pings_acked = 0
         self.resets_received = []
+        self.unsent: dict = {}  # stream id -> (body bytes waiting for flow-control window, end)
 
     def connectionMade(self):
         self.conn.initiate_connection()
@@ -68,6 +72,7 @@ class H2Client(protocol.Protocol):
             elif isinstance(ev, (StreamEnded, StreamReset)):
                 r = self.responses[ev.stream_id]
                 if isinstance(ev, StreamReset):
+                    self.unsent.pop(ev.stream_id, None)
                     self.resets_received.append((ev.stream_id, ev.error_code))
                     if r.status is None or ev.stream_id in self.waiting:
                         r.reset = ev.error_code
@@ -79,6 +84,8 @@ class H2Client(protocol.Protocol):
                 if not self.settings.called:
                     self.settings.callback(self)
                 self._send_queued()
+            elif isinstance(ev, WindowUpdated):
+                self._send_bodies()
             elif isinstance(ev, PingAckReceived):
                 self.pings_acked += 1
             elif isinstance(ev, ConnectionTerminated):
@@ -114,18 +121,41 @@ class H2Client(protocol.Protocol):
             hdrs += list(headers)
             self.conn.send_headers(sid, hdrs, end_stream=not body and end)
             if body:
-                self.conn.send_data(sid, body, end_stream=end)
+                self.unsent[sid] = (body, end)
             self.responses[sid] = Response()
             self.waiting[sid] = d
             d.stream_id = sid
+        self._send_bodies()
+
+    def _send_bodies(self):
+        """Request bodies as the server's flow-control windows allow."""
+        for sid, (body, end) in list(self.unsent.items()):
+            try:
+                room = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+            except ProtocolError:
+                del self.unsent[sid]
+                continue
+            if room <= 0:
+                continue
+            chunk, rest = body[:room], body[room:]
+            self.conn.send_data(sid, chunk, end_stream=end and not rest)
+            if rest:
+                self.unsent[sid] = (rest, end)
+            else:
+                del self.unsent[sid]
         self.flush()
 
     def ping(self):
-        self.conn.ping(b"12345678")
-        self.flush()
+        """A PING; after a GOAWAY (h2 refuses to send one then) the raw frame, as a stubborn client would."""
+        try:
+            self.conn.ping(b"12345678")
+            self.flush()
+        except ProtocolError:
+            self.transport.write(PingFrame(0, opaque_data=b"12345678").serialize())
 
     def reset(self, stream_id):
         """Reset one of our streams; its request fires with ``reset == "local"``."""
+        self.unsent.pop(stream_id, None)
         self.conn.reset_stream(stream_id)
         self.flush()
         r = self.responses[stream_id]
