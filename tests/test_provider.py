@@ -165,6 +165,20 @@ class ProviderTests(ServerMixin, unittest.TestCase):
         code, reason, _ = yield self.request()
         self.assertEqual((code, reason), (503, "ServiceUnavailable"))
 
+    @defer.inlineCallbacks
+    def test_duplicate_headers(self):
+        resp = yield self.agent.request(b"POST", f"{self.url}/3/device/{self.token}".encode(), Headers({
+            "authorization": [f"bearer {self.pki.provider_key}"], "apns-topic": [TOPIC, TOPIC]}),
+            FileBodyProducer(BytesIO(b"{}")))
+        body = yield readBody(resp)
+        self.assertEqual((resp.code, body and json.loads(body)["reason"]), (400, "DuplicateHeaders"))
+
+    def test_topic_disallowed_is_400(self):
+        from pushd.gateway.auth import make_jwt
+
+        jwt = make_jwt(self.jwt_key, "KEY2", "TEAM2")
+        return self.assertReason(400, "TopicDisallowed", auth=False, authorization=f"bearer {jwt}")
+
     def test_method_not_allowed(self):
         return self.assertReason(405, "MethodNotAllowed", method=b"GET", body=None)
 

@@ -204,3 +204,22 @@ class StalledClientTests(ServerMixin, unittest.TestCase):
         self.clock.advance(31)
         closed, data = yield raw.closed
         self.assertTrue(closed)
+
+    @defer.inlineCallbacks
+    def test_http11_slowloris_headers(self):
+        """Over TLS: header bytes trickled one a second do not outlive --header-deadline (5 s)."""
+        from .test_e2e import _Raw
+
+        raw = _Raw(b"POST /3/device/" + self.token.encode() + b" HTTP/1.1\r\nHost: localhost\r\n")
+        opts = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(self.ca_pem))
+        reactor.connectSSL("127.0.0.1", self.port.getHost().port, protocol.ClientFactory.forProtocol(lambda: raw), opts)
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        for second in range(1, 10):
+            raw.transport.write(b"x")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+            self.clock.advance(1)
+            yield task.deferLater(reactor, 0.05, lambda: None)
+            if raw.closed.called:
+                break
+        self.assertTrue(raw.closed.called)
+        self.assertLessEqual(second, 5)
