@@ -53,7 +53,7 @@ class Options(config.Options):
          "arrived (one before, as APNs).", config.positive(int)],
         ["h2-body-budget", None, 256 * 1024, "Bytes of request bodies not yet dispatched held per HTTP/2 "
          "connection (its flow-control window).", at_least(int, H2_INITIAL_WINDOW, "h2-body-budget")],
-        ["h2-requests-per-second", None, 5000, "Requests per HTTP/2 connection per second; beyond: GOAWAY "
+        ["h2-requests-per-second", None, 10000, "Requests per HTTP/2 connection per second; beyond: GOAWAY "
          "ENHANCE_YOUR_CALM.", config.positive(int)],
         ["h2-resets-per-second", None, 100, "Stream resets (RST_STREAM) per HTTP/2 connection per second; "
          "beyond: GOAWAY ENHANCE_YOUR_CALM.", config.positive(int)],

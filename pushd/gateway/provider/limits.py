@@ -22,7 +22,7 @@ class Limits:
     #: Bytes of bodies of not yet dispatched streams on one HTTP/2 connection (its flow-control window).
     body_budget: int = 256 * 1024
     #: Requests (HEADERS) per HTTP/2 connection per second; beyond: GOAWAY ENHANCE_YOUR_CALM.
-    requests_per_second: int = 5000
+    requests_per_second: int = 10000
     #: RST_STREAMs from the client per HTTP/2 connection per second; beyond: GOAWAY ENHANCE_YOUR_CALM.
     resets_per_second: int = 100
     #: Bytes of one HTTP/2 header block (HEADERS + CONTINUATION, HPACK-encoded and decoded).
