@@ -104,6 +104,7 @@ class GoawayTests(H2Mixin, unittest.TestCase):
             yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertTrue(client.closed.called, "still open 3 s after the GOAWAY")
         self.assertEqual(client.terminated.error_code, 0)
+        self.assertEqual(client.terminated.additional_data, b'{"reason":"IdleTimeout"}')
 
 
 class HeaderRuleTests(H2Mixin, unittest.TestCase):

@@ -351,6 +351,32 @@ class TimeTests(unittest.TestCase):
         self.assertIsNotNone(sent)
         self.assertLessEqual(sent, 3)
 
+    def test_unauthenticated_body_held_to_the_deadline(self):
+        """Before a valid token, a body trickled a byte a second (enrolment needs none) ends at the deadline."""
+        h = Harness(self, Limits(header_deadline=5), enrol=_Enrol())
+        h.client.send_headers(1, [(":method", "POST"), (":scheme", "https"), (":authority", "localhost"),
+                                  (":path", "/pushd/v1/enrol")], end_stream=False)
+        h.pump()
+        for second in range(1, 30):
+            h.client.send_data(1, b" ", end_stream=False)
+            h.pump()
+            h.clock.advance(1)
+            if h.transport.disconnecting:
+                break
+        self.assertLessEqual(second, 6)
+        self.assertTrue(h.closed_promptly())
+
+    def test_authenticated_slow_body_is_the_idle_timeouts_business(self):
+        h = Harness(self, Limits(header_deadline=5), idle=60)
+        h.post("bearer " + STATIC)
+        h.pump()
+        h.client.send_headers(3, h.headers("bearer " + STATIC), end_stream=False)
+        for _ in range(20):
+            h.client.send_data(3, b" ", end_stream=False)
+            h.pump()
+            h.clock.advance(1)
+        self.assertFalse(h.transport.disconnecting)
+
     def test_header_block_bytes_bounded(self):
         """CONTINUATION frames without END_HEADERS: closed once the block passes the cap."""
         h = Harness(self, Limits(max_header_bytes=8192))
@@ -391,6 +417,17 @@ class HTTP11DeadlineTests(unittest.TestCase):
             if transport.disconnected:
                 break
         self.assertTrue(transport.disconnected, "aborted")
+        self.assertLessEqual(i, 5)
+
+    def test_slow_body_closed_at_the_deadline(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST /pushd/v1/enrol HTTP/1.1\r\nHost: localhost\r\ncontent-length: 1000\r\n\r\n")
+        for i in range(30):
+            proto.dataReceived(b" ")
+            self.clock.advance(1)
+            if transport.disconnected:
+                break
+        self.assertTrue(transport.disconnected)
         self.assertLessEqual(i, 5)
 
     def test_deadline_starts_again_with_each_request(self):

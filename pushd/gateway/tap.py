@@ -48,7 +48,8 @@ class Options(config.Options):
     ] + [
         # Provider API limits before authentication (docs/security.md, "Provider API limits").
         ["header-deadline", None, 5.0, "Seconds from a provider connection's start (or a request's first byte) "
-         "to its complete request headers; trickling does not extend it.", config.positive(float)],
+         "to its complete request headers (HTTP/1.1, or before a valid token: and body); trickling does not "
+         "extend it.", config.positive(float)],
         ["h2-max-streams", None, 1000, "HTTP/2 streams at once per connection once a valid provider token "
          "arrived (one before, as APNs).", config.positive(int)],
         ["h2-body-budget", None, 256 * 1024, "Bytes of request bodies not yet dispatched held per HTTP/2 "

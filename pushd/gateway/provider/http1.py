@@ -76,10 +76,10 @@ class Root(resource.Resource):
 
 class ProviderChannel(http.HTTPChannel):
     """
-    twisted.web's channel with an absolute deadline for request headers: its idle timer is
-    reset by every byte, so a client trickling one byte at a time held a connection forever.
-    The deadline runs from the connection's start, and for each later request from its first
-    byte; trickling does not move it.
+    twisted.web's channel with an absolute deadline for each request's headers and body (at
+    most 64 KiB kept): its idle timer is reset by every byte, so a client trickling one byte at
+    a time held a connection forever. The deadline runs from the connection's start, and for
+    each later request from its first byte; trickling does not move it.
     """
 
     _deadline_call = None
@@ -107,9 +107,12 @@ class ProviderChannel(http.HTTPChannel):
         super().dataReceived(data)
 
     def allHeadersReceived(self):
-        self._awaiting_headers = False
-        self._disarm()
+        self._awaiting_headers = False  # the deadline runs on until the body is in (slow POST)
         super().allHeadersReceived()
+
+    def allContentReceived(self):
+        self._disarm()
+        super().allContentReceived()
 
     def requestDone(self, request):
         self._awaiting_headers = True  # the next request's deadline starts with its first byte
@@ -118,7 +121,7 @@ class ProviderChannel(http.HTTPChannel):
     def _headers_late(self):
         self._deadline_call = None
         self.site.logs.late(peer=str(self.transport.getPeer()),
-                            why=f"request headers not complete within {self.site.limits.header_deadline:g} s")
+                            why=f"request not complete within {self.site.limits.header_deadline:g} s")
         self.transport.abortConnection()
 
     def connectionLost(self, reason):

@@ -186,11 +186,15 @@ class ProviderH2(Protocol):
             self.flush()
 
     def _check_header_block(self, now):
-        """An unfinished header block (or frame header) is bounded in bytes and held to the deadline."""
+        """
+        An unfinished header block (or frame header) is bounded in bytes and held to the
+        deadline; so is an unfinished body before the connection has a valid token (enrolment).
+        """
         buf = self.conn.incoming_buffer
         block = buf._headers_buffer
         partial = buf._data
-        waiting = bool(block) or (0 < len(partial) < 9) or (len(partial) >= 9 and partial[3] in (_HEADERS, _CONTINUATION))
+        waiting = (bool(block) or (0 < len(partial) < 9) or (len(partial) >= 9 and partial[3] in (_HEADERS, _CONTINUATION))
+                   or (not self.authenticated and bool(self.streams)))  # before a token, bodies too
         if waiting:
             size = len(partial) + sum(len(f.data) for f in block) if block else len(partial)
             if size > self.limits.max_header_bytes + 9:
@@ -218,7 +222,7 @@ class ProviderH2(Protocol):
         quiet = self.clock.seconds() - self.last_activity
         if quiet >= self.idle_timeout and not self.pending and not self.unsent:
             self.logs.idle(peer=self.peer)
-            self._close(ErrorCodes.NO_ERROR)
+            self._close(ErrorCodes.NO_ERROR, debug=b'{"reason":"IdleTimeout"}')
         else:
             self._idle_call = self.clock.callLater(max(self.idle_timeout - quiet, 0.1), self._idle_check)
 
@@ -228,14 +232,14 @@ class ProviderH2(Protocol):
         # TLS close_notify ends the connection at once (paused, it would wait for the abort).
         self._close(error_code, ABORT_HOSTILE)
 
-    def _close(self, error_code, abort_after=ABORT_AFTER):
+    def _close(self, error_code, abort_after=ABORT_AFTER, debug=None):
         """GOAWAY (unless h2 has one queued already), then close: unregistered first, aborted if slow."""
         if self.closing:
             return
         self.closing = True
         if error_code is not None:
             try:
-                self.conn.close_connection(error_code=error_code)
+                self.conn.close_connection(error_code=error_code, additional_data=debug)
             except H2Error:
                 pass
         self.flush()

@@ -15,7 +15,8 @@ H2_INITIAL_WINDOW = 65_535
 
 @dataclass(frozen=True)
 class Limits:
-    #: Seconds from connection start (and from a request's first byte) to its complete headers.
+    #: Seconds from connection start (and from a request's first byte) to its complete headers
+    #: (HTTP/1.1, and HTTP/2 before a valid token: and body).
     header_deadline: float = 5.0
     #: Streams at once on an HTTP/2 connection once a valid provider token arrived (APNs: 1 before).
     max_streams: int = 1000
