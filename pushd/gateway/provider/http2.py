@@ -45,6 +45,23 @@ from pushd.gateway.provider.rules import Answer, Refused, duplicated
 
 hpackfast.install()
 
+
+def _check_h2_internals():
+    """
+    h2 bounds an unfinished header block only by its count of CONTINUATION frames (64, up to
+    1 MiB); this protocol also bounds its bytes and age, reading the two attributes of h2's
+    FrameBuffer that hold it. Checked at start-up, so that an h2 upgrade that renames them
+    fails loudly instead of silently dropping the bound.
+    """
+    from h2.frame_buffer import FrameBuffer
+
+    fb = FrameBuffer(server=True)
+    if not isinstance(getattr(fb, "_headers_buffer", None), list) or not isinstance(getattr(fb, "_data", None), bytearray):
+        raise ImportError("h2's FrameBuffer no longer has _headers_buffer/_data: update ProviderH2._check_header_block")
+
+
+_check_h2_internals()
+
 #: After a GOAWAY, how long the TLS close may take before the connection is aborted.
 ABORT_AFTER = 15
 #: The same after a hostile close (protocol error, too many requests or resets, late headers).
