@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, StreamEnded, StreamReset
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PingAckReceived,
+    RemoteSettingsChanged,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+from hyperframe.frame import PingFrame
 from twisted.internet import defer, protocol, reactor, ssl
 
 
@@ -14,6 +25,8 @@ class Response:
         self.headers = {}
         self.body = b""
         self.reset = None
+        self.data_frames = 0  # DATA events (a HEAD answer must have none)
+        self.ended_on_headers = False  # END_STREAM came on the HEADERS frame
 
     @property
     def json(self):
@@ -29,6 +42,11 @@ class H2Client(protocol.Protocol):
         self.waiting: dict = {}
         self.closed = defer.Deferred()
         self.terminated = None
+        self.settings = defer.Deferred()  # fires when the server's first SETTINGS arrived
+        self.queued: list = []  # requests beyond the server's MAX_CONCURRENT_STREAMS, as clients queue them
+        self.pings_acked = 0
+        self.resets_received = []
+        self.unsent: dict = {}  # stream id -> (body bytes waiting for flow-control window, end)
 
     def connectionMade(self):
         self.conn.initiate_connection()
@@ -45,16 +63,31 @@ class H2Client(protocol.Protocol):
                 r = self.responses[ev.stream_id]
                 r.headers = {k.decode(): v.decode() for k, v in ev.headers}
                 r.status = int(r.headers[":status"])
+                r.ended_on_headers = ev.stream_ended is not None
             elif isinstance(ev, DataReceived):
-                self.responses[ev.stream_id].body += ev.data
+                r = self.responses[ev.stream_id]
+                r.body += ev.data
+                r.data_frames += 1
                 self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             elif isinstance(ev, (StreamEnded, StreamReset)):
                 r = self.responses[ev.stream_id]
                 if isinstance(ev, StreamReset):
-                    r.reset = ev.error_code
+                    self.unsent.pop(ev.stream_id, None)
+                    self.resets_received.append((ev.stream_id, ev.error_code))
+                    if r.status is None or ev.stream_id in self.waiting:
+                        r.reset = ev.error_code
                 d = self.waiting.pop(ev.stream_id, None)
                 if d is not None:
                     d.callback(r)
+                self._send_queued()
+            elif isinstance(ev, RemoteSettingsChanged):
+                if not self.settings.called:
+                    self.settings.callback(self)
+                self._send_queued()
+            elif isinstance(ev, WindowUpdated):
+                self._send_bodies()
+            elif isinstance(ev, PingAckReceived):
+                self.pings_acked += 1
             elif isinstance(ev, ConnectionTerminated):
                 self.terminated = ev
                 for sid, d in list(self.waiting.items()):
@@ -70,21 +103,59 @@ class H2Client(protocol.Protocol):
         self.closed.callback(None)
 
     def request(self, path, headers=(), body=b"", method="POST", end=True):
-        """Fire with a Response. ``end=False`` leaves the stream open (a stalled client)."""
-        sid = self.conn.get_next_available_stream_id()
-        hdrs = [(":method", method), (":scheme", "https"), (":authority", "localhost"), (":path", path)]
-        hdrs += list(headers)
-        self.conn.send_headers(sid, hdrs, end_stream=not body and end)
-        if body:
-            self.conn.send_data(sid, body, end_stream=end)
-        self.responses[sid] = Response()
-        d = self.waiting[sid] = defer.Deferred()
-        self.flush()
-        d.stream_id = sid
+        """
+        Fire with a Response. ``end=False`` leaves the stream open (a stalled client). Beyond
+        the server's MAX_CONCURRENT_STREAMS the request waits for a free stream (``stream_id``
+        is set on the Deferred once it is sent).
+        """
+        d = defer.Deferred()
+        self.queued.append((path, headers, body, method, end, d))
+        self._send_queued()
         return d
+
+    def _send_queued(self):
+        while self.queued and self.conn.open_outbound_streams < self.conn.remote_settings.max_concurrent_streams:
+            path, headers, body, method, end, d = self.queued.pop(0)
+            sid = self.conn.get_next_available_stream_id()
+            hdrs = [(":method", method), (":scheme", "https"), (":authority", "localhost"), (":path", path)]
+            hdrs += list(headers)
+            self.conn.send_headers(sid, hdrs, end_stream=not body and end)
+            if body:
+                self.unsent[sid] = (body, end)
+            self.responses[sid] = Response()
+            self.waiting[sid] = d
+            d.stream_id = sid
+        self._send_bodies()
+
+    def _send_bodies(self):
+        """Request bodies as the server's flow-control windows allow."""
+        for sid, (body, end) in list(self.unsent.items()):
+            try:
+                room = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+            except ProtocolError:
+                del self.unsent[sid]
+                continue
+            if room <= 0:
+                continue
+            chunk, rest = body[:room], body[room:]
+            self.conn.send_data(sid, chunk, end_stream=end and not rest)
+            if rest:
+                self.unsent[sid] = (rest, end)
+            else:
+                del self.unsent[sid]
+        self.flush()
+
+    def ping(self):
+        """A PING; after a GOAWAY (h2 refuses to send one then) the raw frame, as a stubborn client would."""
+        try:
+            self.conn.ping(b"12345678")
+            self.flush()
+        except ProtocolError:
+            self.transport.write(PingFrame(0, opaque_data=b"12345678").serialize())
 
     def reset(self, stream_id):
         """Reset one of our streams; its request fires with ``reset == "local"``."""
+        self.unsent.pop(stream_id, None)
         self.conn.reset_stream(stream_id)
         self.flush()
         r = self.responses[stream_id]

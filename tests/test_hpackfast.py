@@ -23,7 +23,7 @@ def reference(data):
 
 
 def fast(data):
-    hpackfast._cache.clear()
+    hpackfast.clear()
     try:
         return ("ok", hpackfast.decode_huffman(data))
     except HPACKDecodingError as e:
@@ -48,13 +48,37 @@ class FastHuffmanTests(unittest.TestCase):
         self.assertEqual(fast(b""), ("ok", b""))
 
     def test_cache_is_bounded_and_correct(self):
-        hpackfast._cache.clear()
+        hpackfast.clear()
         texts = [b"bearer eyJhbGciOiJFUzI1NiIsImtpZCI6%05d" % i for i in range(hpackfast.CACHE_SIZE + 10)]
         for t in texts:
             self.assertEqual(hpackfast.decode_huffman(ENCODER.encode(t)), t)
         self.assertLessEqual(len(hpackfast._cache), hpackfast.CACHE_SIZE)
         for t in texts[-5:]:
             self.assertEqual(hpackfast.decode_huffman(ENCODER.encode(t)), t)
+
+    def test_long_strings_are_not_cached(self):
+        """A refused header block of long Huffman strings leaves nothing behind."""
+        hpackfast.clear()
+        for i in range(50):
+            text = b"%05d" % i + b"x" * 4000
+            self.assertEqual(hpackfast.decode_huffman(ENCODER.encode(text)), text)
+        self.assertEqual(hpackfast.cached_bytes(), 0)
+        self.assertEqual(len(hpackfast._cache), 0)
+
+    def test_cache_bytes_capped(self):
+        """Many distinct JWT-sized strings: the cache never holds more than its byte cap."""
+        self.addCleanup(hpackfast.configure, hpackfast.CACHE_BYTES)
+        hpackfast.configure(8 * 1024)
+        peak = 0
+        for i in range(500):
+            text = b"bearer %05d." % i + b"e" * 300
+            encoded = ENCODER.encode(text)
+            self.assertLessEqual(len(encoded), hpackfast.CACHE_MAX)
+            self.assertEqual(hpackfast.decode_huffman(encoded), text)
+            peak = max(peak, sum(len(k) + len(v) for k, v in hpackfast._cache.items()))
+        self.assertLessEqual(peak, 8 * 1024)
+        self.assertGreater(peak, 0, "JWT-sized strings are still cached")
+        self.assertEqual(hpackfast.cached_bytes(), sum(len(k) + len(v) for k, v in hpackfast._cache.items()))
 
     def test_install(self):
         from hpack import hpack

@@ -115,7 +115,10 @@ class ProviderTests(ServerMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_voip_allows_5120(self):
-        code, reason, _ = yield self.request(body=b'{"a":"' + b"x" * 5000 + b'"}', apns_push_type="voip")
+        voip = TOPIC + ".voip"  # APNs: a voip push goes to the bundle id + .voip
+        token = self.tokens.scoped_token(DEVICE, wire.topic_hash(voip)).hex()
+        code, reason, _ = yield self.request(path=f"/3/device/{token}", body=b'{"a":"' + b"x" * 5000 + b'"}',
+                                             apns_push_type="voip", apns_topic=voip)
         self.assertEqual(code, 200, reason)
 
     def test_huge_body_is_not_buffered(self):
@@ -161,6 +164,20 @@ class ProviderTests(ServerMixin, unittest.TestCase):
         self.store.enqueue = down
         code, reason, _ = yield self.request()
         self.assertEqual((code, reason), (503, "ServiceUnavailable"))
+
+    @defer.inlineCallbacks
+    def test_duplicate_headers(self):
+        resp = yield self.agent.request(b"POST", f"{self.url}/3/device/{self.token}".encode(), Headers({
+            "authorization": [f"bearer {self.pki.provider_key}"], "apns-topic": [TOPIC, TOPIC]}),
+            FileBodyProducer(BytesIO(b"{}")))
+        body = yield readBody(resp)
+        self.assertEqual((resp.code, body and json.loads(body)["reason"]), (400, "DuplicateHeaders"))
+
+    def test_topic_disallowed_is_400(self):
+        from pushd.gateway.auth import make_jwt
+
+        jwt = make_jwt(self.jwt_key, "KEY2", "TEAM2")
+        return self.assertReason(400, "TopicDisallowed", auth=False, authorization=f"bearer {jwt}")
 
     def test_method_not_allowed(self):
         return self.assertReason(405, "MethodNotAllowed", method=b"GET", body=None)

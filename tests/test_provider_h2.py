@@ -90,7 +90,7 @@ class HTTP2Tests(ServerMixin, unittest.TestCase):
             (403, "InvalidProviderToken", dict(auth="bearer " + self.jwt(kid="NOPE"))),
             (403, "InvalidProviderToken", dict(auth="bearer x.y.z")),
             (403, "MissingProviderToken", dict(auth=None)),
-            (403, "TopicDisallowed", dict(auth="bearer " + self.jwt(kid="KEY2", team="TEAM2"))),
+            (400, "TopicDisallowed", dict(auth="bearer " + self.jwt(kid="KEY2", team="TEAM2"))),
             (404, "BadPath", dict(path="/3/devices/" + self.token)),
             (405, "MethodNotAllowed", dict(method="PUT")),
             (410, "Unregistered", dict(path=f"/3/device/{gone}", apns_topic="com.example.gone", auth=static)),
@@ -204,3 +204,22 @@ class StalledClientTests(ServerMixin, unittest.TestCase):
         self.clock.advance(31)
         closed, data = yield raw.closed
         self.assertTrue(closed)
+
+    @defer.inlineCallbacks
+    def test_http11_slowloris_headers(self):
+        """Over TLS: header bytes trickled one a second do not outlive --header-deadline (5 s)."""
+        from .test_e2e import _Raw
+
+        raw = _Raw(b"POST /3/device/" + self.token.encode() + b" HTTP/1.1\r\nHost: localhost\r\n")
+        opts = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(self.ca_pem))
+        reactor.connectSSL("127.0.0.1", self.port.getHost().port, protocol.ClientFactory.forProtocol(lambda: raw), opts)
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        for second in range(1, 10):
+            raw.transport.write(b"x")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+            self.clock.advance(1)
+            yield task.deferLater(reactor, 0.05, lambda: None)
+            if raw.closed.called:
+                break
+        self.assertTrue(raw.closed.called)
+        self.assertLessEqual(second, 5)

@@ -4,8 +4,13 @@ A faster HPACK Huffman decoder for the h2 stack, installed into hpack at gateway
 hpack decodes a nibble at a time in Python; every provider request carries a Huffman-coded
 path and JWT (clients never index ``authorization``), so under load this was a sixth of
 the gateway's time. This walks a byte at a time over a table derived at import from
-hpack's own nibble table (same states, same errors), and remembers recent long strings:
-a provider sends the same JWT with every request for up to an hour.
+hpack's own nibble table (same states, same errors), and remembers recent JWT-sized
+strings: a provider sends the same JWT with every request for up to an hour.
+
+The memory is bounded before anyone is authenticated: only encoded strings from CACHE_MIN
+to CACHE_MAX bytes are remembered, and all of them together (keys and values) at most
+``cache_bytes``. Unbounded, one refused header block full of long Huffman strings left
+about 1.2 MB here, up to ~1.8 GB in all.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ from hpack import huffman_table as _ht
 from hpack.exceptions import HPACKDecodingError
 
 _COMPLETE, _EMIT, _FAIL = _ht.HUFFMAN_COMPLETE, _ht.HUFFMAN_EMIT_SYMBOL, _ht.HUFFMAN_FAIL
-#: Decoded strings remembered, keyed by their encoded bytes; only those this long or longer.
+#: Decoded strings remembered, keyed by their encoded bytes, at most this many...
 CACHE_SIZE = 1024
+#: ...only those from CACHE_MIN to CACHE_MAX encoded bytes (an ES256 JWT header value is ~170)...
 CACHE_MIN = 24
+CACHE_MAX = 512
+#: ...and all keys and values together at most this many bytes (a gateway setting).
+CACHE_BYTES = 256 * 1024
 
 
 def _build():
@@ -46,9 +55,29 @@ def _build():
 
 _NEXT, _OUT, _DONE = _build()
 _cache: dict = {}
+_cached_bytes = 0
+cache_bytes = CACHE_BYTES
+
+
+def configure(max_bytes: int) -> None:
+    """Set the cache's byte cap (``--hpack-cache-bytes``); 0 turns the cache off."""
+    global cache_bytes
+    cache_bytes = max_bytes
+    clear()
+
+
+def clear() -> None:
+    global _cached_bytes
+    _cache.clear()
+    _cached_bytes = 0
+
+
+def cached_bytes() -> int:
+    return _cached_bytes
 
 
 def decode_huffman(huffman_string) -> bytes:
+    global _cached_bytes
     if not huffman_string:
         return b""
     key = bytes(huffman_string)
@@ -70,10 +99,14 @@ def decode_huffman(huffman_string) -> bytes:
     if not _DONE[i]:
         raise HPACKDecodingError("Incomplete Huffman string")
     result = b"".join(parts)
-    if len(key) >= CACHE_MIN:
-        if len(_cache) >= CACHE_SIZE:
+    if CACHE_MIN <= len(key) <= CACHE_MAX:
+        size = len(key) + len(result)
+        if len(_cache) >= CACHE_SIZE or _cached_bytes + size > cache_bytes:
             _cache.clear()
-        _cache[key] = result
+            _cached_bytes = 0
+        if size <= cache_bytes:
+            _cache[key] = result
+            _cached_bytes += size
     return result
 
 

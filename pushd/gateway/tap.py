@@ -16,9 +16,11 @@ from pushd.admission import Admission, fit_fd_limit
 from pushd.endpoints import BadListener, listener
 from pushd.gateway.auth import Authenticator
 from pushd.gateway.courier import CourierFactory
+from pushd.gateway import hpackfast
 from pushd.gateway.enrol import Enrolment, EnrolSecrets
 from pushd.gateway.registry import DeviceRegistry, RegistryError
-from pushd.gateway.provider import make_site
+from pushd.gateway.provider import Limits, make_site
+from pushd.gateway.provider.limits import H2_INITIAL_WINDOW, at_least
 from pushd.gateway.replay import DEFAULT_SIZE as DEFAULT_REPLAY_CACHE_SIZE, MemoryReplayCache
 from pushd.gateway.ratelimit import Buckets
 from pushd.gateway.router import Router
@@ -83,6 +85,22 @@ class Options(config.Options):
         ["connect-burst", None, 40.0, "New connections from one address allowed in a burst, per role.", _within("connect-burst", float, 1)],
         ["ipv6-prefix", None, 64, "IPv6 sources count per prefix of this length for the per-address limits.", _within("ipv6-prefix", int, 8, 128)],
         ["max-addresses", None, 16384, "Source addresses with no live connection remembered for their rate bucket, per role.", _within("max-addresses", int, 1)],
+        # Provider API limits before authentication (docs/security.md, "Provider API limits").
+        ["header-deadline", None, 5.0, "Seconds from a provider connection's start (or a request's first byte) "
+         "to its complete request headers (HTTP/1.1, or before a valid token: and body); trickling does not "
+         "extend it.", config.positive(float)],
+        ["h2-max-streams", None, 1000, "HTTP/2 streams at once per connection once a valid provider token "
+         "arrived (one before, as APNs).", config.positive(int)],
+        ["h2-body-budget", None, 256 * 1024, "Bytes of request bodies not yet dispatched held per HTTP/2 "
+         "connection (its flow-control window).", at_least(int, H2_INITIAL_WINDOW, "h2-body-budget")],
+        ["h2-requests-per-second", None, 10000, "Requests per HTTP/2 connection per second; beyond: GOAWAY "
+         "ENHANCE_YOUR_CALM.", config.positive(int)],
+        ["h2-resets-per-second", None, 100, "Stream resets (RST_STREAM) per HTTP/2 connection per second; "
+         "beyond: GOAWAY ENHANCE_YOUR_CALM.", config.positive(int)],
+        ["h2-max-header-bytes", None, 16 * 1024, "Bytes of one HTTP/2 request header block.",
+         at_least(int, 4096, "h2-max-header-bytes")],
+        ["hpack-cache-bytes", None, hpackfast.CACHE_BYTES, "Bytes of decoded HPACK strings remembered "
+         "(JWTs), in all.", at_least(int, 0, "hpack-cache-bytes")],
     ]
     optFlags = [
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
@@ -140,6 +158,17 @@ def _admissions(options, reactor):
     )
 
 
+def provider_limits(options) -> Limits:
+    return Limits(
+        header_deadline=options["header-deadline"],
+        max_streams=options["h2-max-streams"],
+        body_budget=options["h2-body-budget"],
+        requests_per_second=options["h2-requests-per-second"],
+        resets_per_second=options["h2-resets-per-second"],
+        max_header_bytes=options["h2-max-header-bytes"],
+    )
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -177,10 +206,12 @@ def makeService(options, reactor=None):
         window=options["enrol-window"], max_nonces=options["enrol-nonces"],
         cert_days=options["cert-days"], overlap=options["cert-overlap"],
     )
+    hpackfast.configure(options["hpack-cache-bytes"])
     site = make_site(
         router, auth, enrolment,
         token_limit=Buckets(options["token-rate"], options["token-burst"], reactor),
         team_limit=Buckets(options["team-rate"], options["team-burst"], reactor),
+        limits=provider_limits(options),
     )
     site.timeOut = options["idle-timeout"]
     site.access_log = bool(options["access-log"])

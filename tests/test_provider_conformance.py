@@ -1,0 +1,215 @@
+"""APNs conformance over real HTTP/2 on loopback TLS (h2 client, curl), one test per rule."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from twisted.internet import defer, reactor, task, utils
+from twisted.trial import unittest
+
+from pushd import wire
+from pushd.gateway.auth import make_jwt
+
+from . import h2client
+from .test_provider import DEVICE, TOPIC, ServerMixin
+
+
+class H2Mixin(ServerMixin):
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield ServerMixin.setUp(self)
+        self.client = yield self.connect()
+
+    @defer.inlineCallbacks
+    def connect(self):
+        c = yield h2client.connect(self.port.getHost().port, self.ca_pem)
+        self.addCleanup(c.close)
+        yield c.settings
+        return c
+
+    def token_for(self, topic):
+        return self.tokens.scoped_token(DEVICE, wire.topic_hash(topic)).hex()
+
+    def post(self, topic=TOPIC, headers=(), body=b'{"aps":{}}', auth=None, method="POST", client=None, token=None):
+        h = [("authorization", auth or f"bearer {self.pki.provider_key}"), ("apns-topic", topic), *headers]
+        return (client or self.client).request(f"/3/device/{token or self.token_for(topic)}", h, body, method=method)
+
+
+class WellFormedTests(H2Mixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_curl_head_over_http2(self):
+        """curl -I --http2 must succeed: a HEAD answer is HEADERS with END_STREAM and no DATA."""
+        curl = shutil.which("curl")
+        self.assertIsNotNone(curl, "curl is not installed (.ci/run installs it)")
+        ca = Path(self.mktemp())
+        ca.write_bytes(self.ca_pem)
+        out, err, code = yield utils.getProcessOutputAndValue(curl, [
+            "-sS", "-I", "--http2", "--cacert", str(ca), f"{self.url}/3/device/{self.token}"])
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith(b"HTTP/2 405"), out)
+
+    @defer.inlineCallbacks
+    def test_head_answer_has_no_data(self):
+        r = yield self.post(method="HEAD", body=b"")
+        self.assertEqual(r.status, 405)
+        self.assertEqual((r.data_frames, r.body, r.ended_on_headers), (0, b"", True))
+        self.assertNotIn("content-length", r.headers)
+
+    @defer.inlineCallbacks
+    def test_errors_have_exact_content_length(self):
+        """Every error: content-length matches the DATA (the h2 client checks it), END_STREAM on the last."""
+        for kw in [dict(topic=""), dict(auth="bearer nope"), dict(body=b"[")]:
+            r = yield self.post(**kw)
+            self.assertEqual(int(r.headers["content-length"]), len(r.body), kw)
+            self.assertIsNone(r.reset)
+            self.assertTrue(r.json["reason"])
+
+    @defer.inlineCallbacks
+    def test_early_refusal_then_reset_no_error(self):
+        """Refused on HEADERS while the body is still coming: a whole answer, then RST_STREAM NO_ERROR."""
+        d = self.client.request(f"/3/device/{self.token}", [("apns-topic", TOPIC), ("authorization", "bearer x")],
+                                b'{"aps":', end=False)
+        r = yield d
+        self.assertEqual((r.status, r.json["reason"]), (403, "InvalidProviderToken"))
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertIn((d.stream_id, 0), self.client.resets_received)
+        r = yield self.post()
+        self.assertEqual(r.status, 200)
+
+
+class GoawayTests(H2Mixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.clock = task.Clock()
+        yield H2Mixin.setUp(self)
+
+    @defer.inlineCallbacks
+    def test_goaway_closes_promptly_while_the_client_pings(self):
+        """The idle GOAWAY ends the TLS connection at once though the client keeps sending PINGs."""
+        self.site.reactor = self.clock  # the connection's timers
+        self.site.timeOut = 30
+        client = yield self.connect()
+        r = yield self.post(client=client)
+        self.assertEqual(r.status, 200)
+        pinger = task.LoopingCall(client.ping)
+        pinger.start(0.05)
+        self.addCleanup(lambda: pinger.running and pinger.stop())
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertGreater(client.pings_acked, 0)
+        self.clock.advance(31)
+        started = time.monotonic()
+        while not client.closed.called and time.monotonic() - started < 3:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(client.closed.called, "still open 3 s after the GOAWAY")
+        self.assertEqual(client.terminated.error_code, 0)
+        self.assertEqual(client.terminated.additional_data, b'{"reason":"IdleTimeout"}')
+
+
+class HeaderRuleTests(H2Mixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_topic_disallowed_is_400(self):
+        keys = make_jwt(self.jwt_key, "KEY2", "TEAM2")
+        r = yield self.post(auth=f"bearer {keys}")
+        self.assertEqual((r.status, r.json["reason"]), (400, "TopicDisallowed"))
+
+    @defer.inlineCallbacks
+    def test_duplicate_headers(self):
+        values = {"apns-topic": TOPIC, "apns-priority": "10", "apns-push-type": "alert",
+                  "apns-id": "123e4567-e89b-12d3-a456-426614174000", "apns-expiration": "0",
+                  "apns-collapse-id": "c", "authorization": f"bearer {self.pki.provider_key}"}
+        for name, value in values.items():
+            r = yield self.client.request(f"/3/device/{self.token}", [
+                ("authorization", f"bearer {self.pki.provider_key}"), ("apns-topic", TOPIC), (name, value),
+                (name, value)], b'{"aps":{}}')
+            self.assertEqual((r.status, r.json and r.json["reason"]), (400, "DuplicateHeaders"), name)
+        r = yield self.post(headers=[("x-other", "1"), ("x-other", "2")])
+        self.assertEqual(r.status, 200, "other headers may repeat")
+
+    @defer.inlineCallbacks
+    def test_push_type_needs_its_topic_suffix(self):
+        for push_type, suffix in [("voip", ".voip"), ("complication", ".complication"),
+                                  ("fileprovider", ".pushkit.fileprovider"), ("location", ".location-query"),
+                                  ("liveactivity", ".push-type.liveactivity"), ("pushtotalk", ".voip-ptt"),
+                                  ("widgets", ".push-type.widgets")]:
+            r = yield self.post(headers=[("apns-push-type", push_type)])
+            self.assertEqual((r.status, r.json and r.json["reason"]), (400, "BadTopic"), push_type)
+            extra = [("apns-expiration", "0")] if push_type == "pushtotalk" else []
+            r = yield self.post(topic=TOPIC + suffix, headers=[("apns-push-type", push_type), *extra])
+            self.assertEqual(r.status, 200, (push_type, r.body))
+            r = yield self.post(topic=TOPIC + suffix, headers=[("apns-push-type", "alert")])
+            self.assertEqual((r.status, r.json and r.json["reason"]), (400, "InvalidPushType"), suffix)
+
+    @defer.inlineCallbacks
+    def test_background_priority_5_only(self):
+        for priority in ("10", "1"):
+            r = yield self.post(headers=[("apns-push-type", "background"), ("apns-priority", priority)])
+            self.assertEqual((r.status, r.json and r.json["reason"]), (400, "BadPriority"), priority)
+        r = yield self.post(headers=[("apns-push-type", "background"), ("apns-priority", "5")])
+        self.assertEqual(r.status, 200)
+        r = yield self.post(headers=[("apns-push-type", "background")], body=b'{"n":2}')
+        self.assertEqual(r.status, 200)
+        stored = self.successResultOf(self.store.pending(DEVICE, {wire.topic_hash(TOPIC)}, 10, 0))
+        self.assertEqual({m.priority for m in stored}, {5}, "background without a priority is stored with 5")
+
+    @defer.inlineCallbacks
+    def test_pushtotalk_priority_10_and_expiration_0(self):
+        topic = TOPIC + ".voip-ptt"
+        cases = [([("apns-priority", "5")], "BadPriority"),
+                 ([("apns-expiration", str(int(time.time()) + 60))], "BadExpirationDate")]
+        for headers, reason in cases:
+            r = yield self.post(topic=topic, headers=[("apns-push-type", "pushtotalk"), *headers])
+            self.assertEqual((r.status, r.json and r.json["reason"]), (400, reason), headers)
+        r = yield self.post(topic=topic, headers=[("apns-push-type", "pushtotalk"), ("apns-priority", "10"),
+                                                  ("apns-expiration", "0")])
+        self.assertEqual(r.status, 200)
+
+
+class FloodTests(H2Mixin, unittest.TestCase):
+    """Over real TLS: what the server holds for a hostile connection, read from its counters."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.protocols = []
+        yield H2Mixin.setUp(self)
+        build = self.site.buildProtocol
+
+        def recording(addr):
+            p = build(addr)
+            self.protocols.append(p)
+            return p
+
+        self.site.buildProtocol = recording
+
+    @defer.inlineCallbacks
+    def test_unauthenticated_streams_with_bodies_hold_nothing(self):
+        client = yield self.connect()
+        (server,) = [p._channel for p in self.protocols]
+        rs = yield defer.gatherResults([
+            client.request(f"/3/device/{self.token}", [("apns-topic", TOPIC)], b"x" * 16000) for _ in range(50)])
+        self.assertEqual({(r.status, r.json["reason"]) for r in rs}, {(403, "MissingProviderToken")})
+        self.assertEqual((server.held_peak, server.held, server.streams), (0, 0, {}))
+        self.assertFalse(server.authenticated)
+        self.assertEqual(client.conn.remote_settings.max_concurrent_streams, 1)
+
+    @defer.inlineCallbacks
+    def test_authenticated_open_bodies_stay_within_the_budget(self):
+        client = yield self.connect()
+        (server,) = [p._channel for p in self.protocols]
+        r = yield self.post(client=client)
+        self.assertEqual(r.status, 200)
+        pending = [client.request(f"/3/device/{self.token}", [
+            ("apns-topic", TOPIC), ("authorization", f"bearer {self.pki.provider_key}")], b"{" + b" " * 4000, end=False)
+            for _ in range(100)]
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        budget = self.site.limits.body_budget
+        self.assertGreater(server.held, budget // 2)
+        self.assertLessEqual(server.held_peak, budget)
+        self.assertEqual(len(server.streams), 100)
+        for d in pending:
+            client.reset(d.stream_id)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(server.held, 0)
+        r = yield self.post(client=client, body=b'{"after":1}')
+        self.assertEqual(r.status, 200)
