@@ -169,8 +169,11 @@ class CourierServerProtocol(Protocol):
             )
         except tls.AuthError as e:
             f.auth_failures += 1
+            # The server time even in a refusal: a device whose clock is off by more than
+            # the nonce window sets its next nonce by it (else it is refused for good).
             self.send(wire.ConnectAck(status=wire.STATUS_ERROR, max_message_size=0,
-                                      unknown5=b"", capabilities=b"", server_time=0))
+                                      unknown5=b"", capabilities=b"",
+                                      server_time=int(f.clock.seconds() * 1000)))
             return self.fail(f"Connect refused: {e}")
         self.device_id = device_id
         self.base_token = f.router.tokens.base_token(device_id)
