@@ -410,7 +410,7 @@ class Suite:
     def label(self, dev):
         return self.global_label or dev.label
 
-    def send_tick(self, counter=itertools.count(1)):
+    def send_tick(self):
         if self.inflight >= 64:
             return  # the gateway is down or slow: an app server would queue; we skip the tick
         dev = self.devices[self._rr % len(self.devices)]
@@ -666,9 +666,9 @@ class Suite:
 
 
 @defer.inlineCallbacks
-def run(cfg: Config):
+def run(cfg: Config, suite: Suite | None = None):
     """Run the suite; fire with (suite, total row). Everything started is stopped."""
-    suite = Suite(cfg)
+    suite = suite or Suite(cfg)
     trigger = reactor.addSystemEventTrigger("before", "shutdown", _kill_groups)
     try:
         yield suite.setup()
@@ -700,17 +700,24 @@ def main(argv=None):
     if not 1 <= a.devices <= 20 or not 1 <= a.duration <= 600 or not 0 < a.rate <= 200:
         p.error("--devices 1..20, --duration 1..600 s, --rate up to 200")
     cfg = Config(devices=a.devices, duration=a.duration, rate=a.rate, seed=a.seed, kills=a.kills, keep=a.keep)
+    suite = Suite(cfg)
     result = {}
 
     def go(_reactor):
-        return run(cfg).addCallback(lambda r: result.setdefault("r", r))
+        return run(cfg, suite).addCallback(lambda r: result.setdefault("r", r))
 
     try:
-        task.react(lambda r: go(r))
+        task.react(go)
     except SystemExit as e:
         if e.code:
             _kill_groups()
             raise
+    if "r" not in result:  # interrupted (Ctrl-C, SIGTERM): the processes are gone already
+        _kill_groups()
+        if not cfg.keep:
+            shutil.rmtree(suite.dir, True)
+        print("interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
     suite, total = result["r"]
     missing = [k for k in suite.kinds() if suite.rows[k].injected == 0]
     if missing:
