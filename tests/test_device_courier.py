@@ -122,6 +122,29 @@ class FactoryTests(unittest.TestCase):
         self.assertEqual(self.factory.base_token, b"B" * 32)
         self.assertIn(("connected", b"B" * 32), self.listener.events)
 
+    def test_clock_off_by_more_than_the_nonce_window_connects_on_the_next_attempt(self):
+        """A device clock 520 s ahead (a clock jump): the gateway refuses the Connect and
+        tells its time; the next Connect is stamped with that time, and verifies."""
+        server = 1_800_000_000.0
+        self.reactor.advance(server + 520)
+        self.factory.start()
+        proto = self.factory.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        first = frames_of(t.value())[0]
+        with self.assertRaisesRegex(tls.AuthError, "stale nonce"):
+            tls.verify_connect(CA_CERT, first.certificate, first.nonce, first.signature, server)
+        proto.dataReceived(connect_ack(status=2, server_time=int(server * 1000)))
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.factory.clientConnectionLost(None, Failure(ConnectionLost()))
+        self.reactor.advance(1)
+        proto = self.factory.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        second = frames_of(t.value())[0]
+        device_id = tls.verify_connect(CA_CERT, second.certificate, second.nonce, second.signature, server + 1)
+        self.assertEqual(device_id, self.dev.id)
+
     def test_tcp_connect_alone_does_not_reset(self):
         """A gateway that accepts TCP and then refuses Connect is still backed off from."""
         self.factory.start()

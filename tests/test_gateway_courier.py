@@ -54,6 +54,15 @@ class ConnectTests(unittest.TestCase):
         self.assertRefused(proto, t, "not issued")
         self.assertEqual(self.gw.factory.auth_failures, 1)
 
+    def test_stale_nonce_refusal_tells_the_server_time(self):
+        """A device whose clock is off sets its next nonce by this (see the device tests)."""
+        proto, t = self.gw.connection()
+        proto.dataReceived(Device().connect(self.gw.clock.seconds() + 520).encode())
+        ack = frames_of(t.value())[0]
+        self.assertNotEqual(ack.status, 0)
+        self.assertEqual(ack.server_time, int(self.gw.clock.seconds() * 1000))
+        self.assertRefused(proto, t, "stale nonce")
+
     def test_forged_signature(self):
         d, other = Device(), Device()
         c = d.connect(self.gw.clock.seconds())

@@ -84,7 +84,9 @@ class CourierClientProtocol(protocol.Protocol):
     def _sendConnect(self, exporter):
         """Connect, signed over nonce || exporter when there is one (field 33 says so)."""
         f = self.factory
-        nonce = tls.make_nonce(self.clock.seconds())
+        # Stamped with the gateway's clock as last heard: ours may be off by more than the
+        # nonce window (a clock jump), and the gateway refuses such a Connect.
+        nonce = tls.make_nonce(self.clock.seconds() + f.clock_offset)
         self.send(
             wire.Connect(
                 push_token=f.base_token,
@@ -131,6 +133,8 @@ class CourierClientProtocol(protocol.Protocol):
 
     def handle_ConnectAck(self, msg):
         self._cancel_timeout()
+        if msg.server_time:
+            self.factory.clock_offset = msg.server_time / 1000.0 - self.clock.seconds()
         if msg.status != wire.STATUS_OK or not (msg.token or self.factory.base_token):
             self.factory.refused += 1
             return self._fail(f"gateway refused Connect (status {msg.status})")
@@ -275,6 +279,8 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
         self._lost_waiters: list = []
         self._immediate = False
         self.gateway_is_pushd = False
+        #: Gateway clock minus ours (s), from the last ConnectAck; nonces are stamped with it.
+        self.clock_offset = 0.0
 
     # --- connecting ---------------------------------------------------------
 

@@ -237,9 +237,13 @@ class CourierServerProtocol(Protocol):
             self.dataReceived(b"".join(held))
 
     def _refuse(self, reason: str):
-        self.factory.auth_failures += 1
+        f = self.factory
+        f.auth_failures += 1
+        # The server time even in a refusal: a device whose clock is off by more than the
+        # nonce window sets its next nonce by it (else it is refused for good).
         self.send(wire.ConnectAck(status=wire.STATUS_ERROR, max_message_size=0,
-                                  unknown5=b"", capabilities=b"", server_time=0))
+                                  unknown5=b"", capabilities=b"",
+                                  server_time=int(f.clock.seconds() * 1000)))
         self.fail(f"Connect refused: {reason}")
 
     def _accept(self, device_id: str, msg: wire.Connect, proof: str):
