@@ -45,3 +45,35 @@ class TokenTests(unittest.TestCase):
     def test_never_20_bytes(self):
         """pypush tells the direction of a notification by a 20-byte field 1."""
         self.assertNotEqual(len(self.m.base_token(DEV)), 20)
+
+
+class TokenOracleTests(unittest.TestCase):
+    """A forger learns nothing from the reason until the whole 96 bits of MAC are right."""
+
+    def setUp(self):
+        self.m = TokenMinter(b"k")
+        self.genuine = self.m.scoped_token(DEV, wire.topic_hash("com.example.a"))
+
+    def reason(self, token, topic):
+        with self.assertRaises(TokenError) as e:
+            self.m.resolve(bytes(token), topic)
+        return e.exception.reason
+
+    def flipped(self, index):
+        t = bytearray(self.genuine)
+        t[index] ^= 1
+        return t
+
+    def test_one_right_mac_answers_like_none(self):
+        id_right = self.flipped(31)  # the id MAC right, the topic MAC wrong
+        topic_right = self.flipped(20)  # the other way round
+        both_wrong = self.flipped(20)
+        both_wrong[31] ^= 1
+        reasons = {self.reason(t, "com.example.a") for t in (id_right, topic_right, both_wrong)}
+        self.assertEqual(reasons, {"BadDeviceToken"})
+
+    def test_other_topic_answer_does_not_depend_on_the_macs(self):
+        """Addressed to another topic, a right and a wrong id MAC get the same reason."""
+        self.assertEqual(self.reason(self.genuine, "com.example.b"), "DeviceTokenNotForTopic")
+        self.assertEqual(self.reason(self.flipped(20), "com.example.b"), "DeviceTokenNotForTopic")
+        self.assertEqual(self.reason(self.flipped(31), "com.example.b"), "DeviceTokenNotForTopic")
