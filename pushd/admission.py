@@ -19,66 +19,14 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
+from pushd.throttle import LogThrottle  # noqa: F401  (re-exported: one throttle for every hostile-event log)
+
 log = Logger()
 
 #: Refusal reasons (the keys of ``Admission.refused``).
 TOTAL = "total"
 PER_ADDRESS = "per-address"
 RATE = "rate"
-
-
-class LogThrottle:
-    """
-    At most one log line per ``interval`` for events anyone can cause (refused or closed
-    unauthenticated connections): the first event of a quiet period is logged at once,
-    the rest are counted by reason and logged together when the interval is over.
-    """
-
-    #: Distinct reasons kept per line; beyond, they count as "other" (reasons may carry
-    #: numbers from the peer, and the dict must stay bounded).
-    MAX_REASONS = 16
-
-    def __init__(self, clock, emit, interval: float = 1.0):
-        self.clock = clock
-        self.emit = emit  # emit(counts: dict, total: int, sample: dict)
-        self.interval = interval
-        self.counts: dict = {}
-        self.sample: dict = {}
-        self.total = 0  # every event ever noted
-        self._last = None
-        self._call = None
-
-    def note(self, reason: str, **sample) -> None:
-        self.total += 1
-        counts = self.counts
-        if reason not in counts and len(counts) >= self.MAX_REASONS:
-            reason = "other"
-        counts[reason] = counts.get(reason, 0) + 1
-        self.sample = sample
-        if self._call is not None:
-            return
-        now = self.clock.seconds()
-        if self._last is None or now - self._last >= self.interval:
-            self.flush()
-        else:
-            self._call = self.clock.callLater(self._last + self.interval - now, self._due)
-
-    def _due(self):
-        self._call = None
-        self.flush()
-
-    def flush(self) -> None:
-        if self.counts:
-            counts, self.counts = self.counts, {}
-            self.emit(counts, sum(counts.values()), self.sample)
-            self._last = self.clock.seconds()
-
-    def stop(self) -> None:
-        """Log what is pending and leave no timer."""
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-        self.flush()
 
 
 def address_key(addr, ipv6_prefix: int = 64):

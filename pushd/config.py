@@ -85,3 +85,20 @@ class Options(usage.Options):
                 self[name] = coerce(value) if coerce else value
             except ValueError as e:
                 raise usage.UsageError(f"config {path}: {key} = {value!r}: {e}")
+
+
+def within(name, kind, low, high=None):
+    """An option coercer for a limit: a ``kind`` in [low, high], the error naming the option."""
+
+    def coerce(value):
+        try:
+            v = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--{name} must be a number, not {value!r}")
+        if v < low or (high is not None and v > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"--{name} must be {bound}, not {value}")
+        return v
+
+    coerce.coerceDoc = f"At least {low}." if high is None else f"Between {low} and {high}."
+    return coerce

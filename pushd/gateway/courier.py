@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pushd import tls, wire
-from pushd.admission import LogThrottle
+from pushd.throttle import LogThrottle
 from pushd.gateway.deadlines import DeadlineWheel
 from pushd.gateway.heap import HeapTrimmer
 from pushd.gateway.replay import MemoryReplayCache, nonce_key

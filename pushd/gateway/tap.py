@@ -31,21 +31,6 @@ from pushd.store.interfaces import StoreUnavailable
 log = Logger()
 
 
-def _within(name, kind, low, high=None):
-    """An option coercer for a limit: a ``kind`` in [low, high], the error naming the option."""
-
-    def coerce(value):
-        try:
-            v = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"--{name} must be a number, not {value!r}")
-        if v < low or (high is not None and v > high):
-            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise ValueError(f"--{name} must be {bound}, not {value}")
-        return v
-
-    coerce.coerceDoc = f"At least {low}." if high is None else f"Between {low} and {high}."
-    return coerce
 
 
 class Options(config.Options):
@@ -66,7 +51,7 @@ class Options(config.Options):
         ["team-rate", None, 10000.0, "Pushes per second from one team (or the operator key).", config.positive(float)],
         ["team-burst", None, 20000.0, "Pushes from one team allowed in a burst.", config.positive(float)],
         # Connect replay (docs/security.md "Connect replay").
-        ["replay-cache-size", None, DEFAULT_REPLAY_CACHE_SIZE, "Nonces of nonce-only (APNs-style) Connects remembered for the 300 s window; when full, such Connects are refused.", _within("replay-cache-size", int, 1)],
+        ["replay-cache-size", None, DEFAULT_REPLAY_CACHE_SIZE, "Nonces of nonce-only (APNs-style) Connects remembered for the 300 s window; when full, such Connects are refused.", config.within("replay-cache-size", int, 1)],
         # --- device lifecycle: certificates, renewal, enrolment (docs/security.md) ---
         ["cert-days", None, 365.0, "Lifetime of a device certificate (days); devices renew at about 2/3 of it.", config.positive(float)],
         ["cert-overlap", None, 604800.0, "Seconds a renewed device's previous certificate stays accepted.", config.positive(float)],
@@ -75,16 +60,16 @@ class Options(config.Options):
         ["enrol-rate", None, 1.0, "Enrolment/renewal requests per second from one address (429 beyond).", config.positive(float)],
         ["enrol-burst", None, 20.0, "Enrolment/renewal requests from one address allowed in a burst.", config.positive(float)],
         # --- admission: bounded before authenticated (docs/security.md, "Connections and deadlines")
-        ["connect-deadline", None, 10.0, "Seconds from accept to a verified courier Connect, TLS handshake included; reads do not extend it.", _within("connect-deadline", float, 0.1, 3600)],
-        ["connect-budget", None, 8192, "Largest courier frame before Connect, in bytes (a real Connect is 0.5-2 KiB).", _within("connect-budget", int, 1024, 32768)],
-        ["max-connections", None, 18000, "Courier connections in total, all courier listeners together; more are closed at accept.", _within("max-connections", int, 1)],
-        ["max-per-address", None, 64, "Courier connections from one IPv4 address or one IPv6 prefix (--ipv6-prefix).", _within("max-per-address", int, 1)],
-        ["provider-max-connections", None, 1000, "Provider API connections in total, all provider listeners together.", _within("provider-max-connections", int, 1)],
-        ["provider-max-per-address", None, 64, "Provider API connections from one IPv4 address or one IPv6 prefix.", _within("provider-max-per-address", int, 1)],
-        ["connect-rate", None, 20.0, "New connections per second from one address, per role (token bucket).", _within("connect-rate", float, 0.001)],
-        ["connect-burst", None, 40.0, "New connections from one address allowed in a burst, per role.", _within("connect-burst", float, 1)],
-        ["ipv6-prefix", None, 64, "IPv6 sources count per prefix of this length for the per-address limits.", _within("ipv6-prefix", int, 8, 128)],
-        ["max-addresses", None, 16384, "Source addresses with no live connection remembered for their rate bucket, per role.", _within("max-addresses", int, 1)],
+        ["connect-deadline", None, 10.0, "Seconds from accept to a verified courier Connect, TLS handshake included; reads do not extend it.", config.within("connect-deadline", float, 0.1, 3600)],
+        ["connect-budget", None, 8192, "Largest courier frame before Connect, in bytes (a real Connect is 0.5-2 KiB).", config.within("connect-budget", int, 1024, 32768)],
+        ["max-connections", None, 18000, "Courier connections in total, all courier listeners together; more are closed at accept.", config.within("max-connections", int, 1)],
+        ["max-per-address", None, 64, "Courier connections from one IPv4 address or one IPv6 prefix (--ipv6-prefix).", config.within("max-per-address", int, 1)],
+        ["provider-max-connections", None, 1000, "Provider API connections in total, all provider listeners together.", config.within("provider-max-connections", int, 1)],
+        ["provider-max-per-address", None, 64, "Provider API connections from one IPv4 address or one IPv6 prefix.", config.within("provider-max-per-address", int, 1)],
+        ["connect-rate", None, 20.0, "New connections per second from one address, per role (token bucket).", config.within("connect-rate", float, 0.001)],
+        ["connect-burst", None, 40.0, "New connections from one address allowed in a burst, per role.", config.within("connect-burst", float, 1)],
+        ["ipv6-prefix", None, 64, "IPv6 sources count per prefix of this length for the per-address limits.", config.within("ipv6-prefix", int, 8, 128)],
+        ["max-addresses", None, 16384, "Source addresses with no live connection remembered for their rate bucket, per role.", config.within("max-addresses", int, 1)],
         # Provider API limits before authentication (docs/security.md, "Provider API limits").
         ["header-deadline", None, 5.0, "Seconds from a provider connection's start (or a request's first byte) "
          "to its complete request headers (HTTP/1.1, or before a valid token: and body); trickling does not "
