@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 from pathlib import Path
 
 from h2.errors import ErrorCodes
+from hyperframe.frame import PingFrame
 from twisted.internet import defer, reactor, task, utils
 from twisted.trial import unittest
 
@@ -247,3 +249,32 @@ class FloodTests(H2Mixin, unittest.TestCase):
         self.assertEqual((server.held, server.streams), (0, {}))
         r = yield self.post(client=client, body=b'{"after":1}')
         self.assertEqual(r.status, 200)
+
+    @defer.inlineCallbacks
+    def test_a_client_that_does_not_read_is_not_read(self):
+        """
+        PINGs from a client that reads nothing (socket buffers of 4 KiB): once Twisted's buffer of
+        our output passes 64 KiB, through TLS, the server stops reading; it holds no more.
+        """
+        self.site.limits = Limits(control_frames_per_second=10**6)  # this test is about output, not the rate
+        client = yield self.connect()
+        self.addCleanup(lambda: client.transport.abortConnection())
+        r = yield self.post(client=client)
+        self.assertEqual(r.status, 200)
+        (server,) = [p._channel for p in self.protocols]
+        server.transport.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client.transport.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.transport.pauseProducing()
+        pings = PingFrame(0, opaque_data=b"12345678").serialize() * 500
+        started = time.monotonic()
+        while not server.paused and time.monotonic() - started < 5:
+            client.transport.write(pings)
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertTrue(server.paused, "still reading")
+        held = server.transport.transport._tempDataLen + len(server.transport.transport.dataBuffer)
+        for _ in range(10):
+            client.transport.write(pings)
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertTrue(server.paused)
+        self.assertLess(server.transport.transport._tempDataLen + len(server.transport.transport.dataBuffer),
+                        held + 4096)

@@ -192,6 +192,7 @@ class ProviderH2(Protocol):
         self.headers_seen = False
         self.closing = False
         self.closed = False
+        self.paused = False  # the transport has more than its buffer's worth of our output unsent
 
     # --- connection life ------------------------------------------------------
 
@@ -542,9 +543,11 @@ class ProviderH2(Protocol):
     # The transport's buffer is full (the client does not read its answers): stop reading
     # requests until it drains, so nothing grows without bound.
     def pauseProducing(self):
+        self.paused = True
         self.transport.pauseProducing()
 
     def resumeProducing(self):
+        self.paused = False
         if not self.closing:
             self.transport.resumeProducing()
 
