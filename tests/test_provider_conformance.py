@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 from pathlib import Path
 
+from h2.errors import ErrorCodes
+from hyperframe.frame import PingFrame
 from twisted.internet import defer, reactor, task, utils
 from twisted.trial import unittest
 
 from pushd import wire
 from pushd.gateway.auth import make_jwt
+
+from pushd.gateway.provider import Limits
 
 from . import h2client
 from .test_provider import DEVICE, TOPIC, ServerMixin
@@ -213,3 +218,63 @@ class FloodTests(H2Mixin, unittest.TestCase):
         self.assertEqual(server.held, 0)
         r = yield self.post(client=client, body=b'{"after":1}')
         self.assertEqual(r.status, 200)
+
+    @defer.inlineCallbacks
+    def test_ping_flood_gets_enhance_your_calm(self):
+        """CVE-2019-9512: 5,000 PINGs at once after a request; GOAWAY ENHANCE_YOUR_CALM, at most the allowed ACKs, closed."""
+        client = yield self.connect()
+        r = yield self.post(client=client)  # past the header deadline's reach: only this limit ends it
+        self.assertEqual(r.status, 200)
+        for _ in range(5000):
+            client.ping()
+        started = time.monotonic()
+        while not client.closed.called and time.monotonic() - started < 3:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(client.closed.called, "still open 3 s later")
+        self.assertEqual(client.terminated.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertLessEqual(client.pings_acked, self.site.limits.control_frames_per_second)
+
+    @defer.inlineCallbacks
+    def test_slow_body_gets_idle_timeout_and_the_connection_serves_on(self):
+        self.site.limits = Limits(body_deadline=0.3)
+        client = yield self.connect()
+        r = yield self.post(client=client)
+        self.assertEqual(r.status, 200)
+        started = time.monotonic()
+        r = yield client.request(f"/3/device/{self.token}", [
+            ("apns-topic", TOPIC), ("authorization", f"bearer {self.pki.provider_key}")], b'{"aps":', end=False)
+        self.assertEqual((r.status, r.json["reason"]), (400, "IdleTimeout"))
+        self.assertGreaterEqual(time.monotonic() - started, 0.25)
+        (server,) = [p._channel for p in self.protocols]
+        self.assertEqual((server.held, server.streams), (0, {}))
+        r = yield self.post(client=client, body=b'{"after":1}')
+        self.assertEqual(r.status, 200)
+
+    @defer.inlineCallbacks
+    def test_a_client_that_does_not_read_is_not_read(self):
+        """
+        PINGs from a client that reads nothing (socket buffers of 4 KiB): once Twisted's buffer of
+        our output passes 64 KiB, through TLS, the server stops reading; it holds no more.
+        """
+        self.site.limits = Limits(control_frames_per_second=10**6)  # this test is about output, not the rate
+        client = yield self.connect()
+        self.addCleanup(lambda: client.transport.abortConnection())
+        r = yield self.post(client=client)
+        self.assertEqual(r.status, 200)
+        (server,) = [p._channel for p in self.protocols]
+        server.transport.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client.transport.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.transport.pauseProducing()
+        pings = PingFrame(0, opaque_data=b"12345678").serialize() * 500
+        started = time.monotonic()
+        while not server.paused and time.monotonic() - started < 5:
+            client.transport.write(pings)
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertTrue(server.paused, "still reading")
+        held = server.transport.transport._tempDataLen + len(server.transport.transport.dataBuffer)
+        for _ in range(10):
+            client.transport.write(pings)
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertTrue(server.paused)
+        self.assertLess(server.transport.transport._tempDataLen + len(server.transport.transport.dataBuffer),
+                        held + 4096)

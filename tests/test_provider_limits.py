@@ -11,9 +11,12 @@ from cryptography.hazmat.primitives import serialization
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import ConnectionTerminated, ResponseReceived, StreamEnded, StreamReset
+from h2.events import (ConnectionTerminated, DataReceived, PingAckReceived, ResponseReceived, StreamEnded,
+                       StreamReset)
+from h2.settings import SettingCodes
 from hpack import Encoder
-from hyperframe.frame import ContinuationFrame, HeadersFrame
+from hyperframe.frame import (AltSvcFrame, ContinuationFrame, DataFrame, HeadersFrame, PingFrame,
+                              PriorityFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame)
 from twisted.internet import address, task
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
@@ -21,11 +24,12 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from pushd import tls, wire
-from pushd.gateway import tap
+from pushd.gateway import enrol, tap
 from pushd.gateway.auth import Authenticator, ProviderKeys, make_jwt
 from pushd.gateway.provider import Limits, make_site
-from pushd.gateway.provider.http2 import Logs, ProviderH2
-from pushd.gateway.provider.rules import DeviceAPI, ProviderAPI
+from pushd.gateway.provider.http2 import ControlFrames, Logs, ProviderH2
+from pushd.gateway.provider.limits import H2_INITIAL_WINDOW
+from pushd.gateway.provider.rules import ENROL_LIMIT, DeviceAPI, ProviderAPI
 from pushd.gateway.router import Router
 from pushd.gateway.tokens import TokenMinter
 from pushd.store.memory import MemoryStore
@@ -366,16 +370,97 @@ class TimeTests(unittest.TestCase):
         self.assertLessEqual(second, 6)
         self.assertTrue(h.closed_promptly())
 
-    def test_authenticated_slow_body_is_the_idle_timeouts_business(self):
-        h = Harness(self, Limits(header_deadline=5), idle=60)
+    def test_authenticated_slow_body_answered_at_the_body_deadline(self):
+        """
+        After a valid token, a body trickled a byte a second gets APNs' 400 IdleTimeout at the
+        body deadline from its HEADERS, then RST_STREAM NO_ERROR; its budget is given back and
+        the connection serves on.
+        """
+        h = Harness(self, Limits(header_deadline=5, body_deadline=5), idle=60)
         h.post("bearer " + STATIC)
         h.pump()
         h.client.send_headers(3, h.headers("bearer " + STATIC), end_stream=False)
-        for _ in range(20):
+        events = []
+        for second in range(20):
             h.client.send_data(3, b" ", end_stream=False)
-            h.pump()
+            events += h.pump()
+            if h.status(events, 3) is not None:
+                break
             h.clock.advance(1)
+        self.assertEqual(second, 5)
+        self.assertEqual(h.status(events, 3), 400)
+        body = b"".join(e.data for e in events if isinstance(e, DataReceived) and e.stream_id == 3)
+        self.assertEqual(body, b'{"reason": "IdleTimeout"}')
+        self.assertIn((3, ErrorCodes.NO_ERROR), [(e.stream_id, e.error_code) for e in events
+                                                 if isinstance(e, StreamReset)])
+        self.assertEqual((h.server.held, h.server.streams), (0, {}))
         self.assertFalse(h.transport.disconnecting)
+        sid = h.post("bearer " + STATIC)
+        self.assertEqual(h.status(h.pump(), sid), 200)
+        self.assertEqual(len(h.log_lines("400 IdleTimeout")), 1)
+
+    def test_each_body_has_its_own_deadline(self):
+        """Bodies started at 0 s and 3 s, never ended: answered at 5 s and 8 s, each by its own HEADERS."""
+        h = Harness(self, Limits(body_deadline=5), idle=60)
+        h.post("bearer " + STATIC)
+        h.pump()
+        h.client.send_headers(3, h.headers("bearer " + STATIC), end_stream=False)
+        h.pump()
+        h.clock.advance(3)
+        h.client.send_headers(5, h.headers("bearer " + STATIC), end_stream=False)
+        h.client.send_data(5, b"{", end_stream=False)
+        h.pump()
+        self.assertEqual(h.server.held, 1)
+        h.clock.advance(2)
+        events = h.to_client()
+        self.assertEqual((h.status(events, 3), h.status(events, 5)), (400, None))
+        self.assertEqual(h.server.held, 1)
+        h.clock.advance(2.9)
+        self.assertIsNone(h.status(h.to_client(), 5))
+        h.clock.advance(0.2)
+        self.assertEqual(h.status(h.to_client(), 5), 400)
+        self.assertEqual((h.server.held, h.server.streams), (0, {}))
+
+    def test_a_body_in_one_byte_frames_costs_what_its_bytes_do(self):
+        """
+        CVE-2019-9511-style dribble: 4,000 one-byte DATA frames on an open stream; the memory
+        kept grows by about their bytes (a list of chunks: ~40 bytes each, the budget x 40).
+        """
+        import gc
+        import tracemalloc
+
+        h = Harness(self, idle=60)
+        h.post("bearer " + STATIC)
+        h.pump()
+        h.client.send_headers(3, h.headers("bearer " + STATIC), end_stream=False)
+        h.pump()
+        frames = [DataFrame(3, data=b" ").serialize() for _ in range(4000)]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for f in frames:
+                h.server.dataReceived(f)
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(h.server.held, 4000)
+        self.assertLess(grown, 4000 * 10)
+
+    def test_answers_withheld_by_the_clients_window_do_not_keep_the_connection(self):
+        """A client that never opens its window for our answers is idle all the same (CVE-2019-9517)."""
+        h = Harness(self, idle=60)
+        h.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        h.post("bearer " + STATIC)
+        h.pump()
+        for _ in range(20):
+            h.post("bearer " + STATIC, body=b"[")  # 400 BadPayload: an answer with a body
+        h.pump()
+        self.assertEqual(len(h.server.unsent), 20)
+        h.clock.advance(61)
+        self.assertEqual(h.goaway(h.to_client()), ErrorCodes.NO_ERROR)
+        self.assertTrue(h.closed_promptly())
 
     def test_header_block_bytes_bounded(self):
         """CONTINUATION frames without END_HEADERS: closed once the block passes the cap."""
@@ -389,6 +474,127 @@ class TimeTests(unittest.TestCase):
         self.assertLessEqual(i, 9)
         self.assertEqual(h.goaway(h.to_client()), ErrorCodes.ENHANCE_YOUR_CALM)
         self.assertTrue(h.closed_promptly())
+
+
+class ControlFrameTests(unittest.TestCase):
+    """The 2019 HTTP/2 floods (CVE-2019-9512 PING, -9515 SETTINGS, -9518 empty frames, ...)."""
+
+    LIMIT = 50
+
+    def authenticated(self, **limits):
+        h = Harness(self, Limits(control_frames_per_second=self.LIMIT, **limits))
+        sid = h.post("bearer " + STATIC)
+        self.assertEqual(h.status(h.pump(), sid), 200)
+        h.pump()
+        return h
+
+    def flood(self, h, frame, n):
+        for _ in range(n):
+            h.to_server(frame)
+            if h.transport.disconnecting:
+                break
+        return h.to_client()
+
+    def test_each_kind_of_control_frame_is_bounded(self):
+        """
+        60 frames of one kind in a second, where 50 are allowed: GOAWAY ENHANCE_YOUR_CALM and
+        closed, for kinds h2 answers itself (PING, SETTINGS) and ones it takes without an event
+        (RST_STREAM of a closed stream, ALTSVC, unknown types).
+        """
+        kinds = {
+            "PING": PingFrame(0, opaque_data=b"12345678"),
+            "SETTINGS": SettingsFrame(0),
+            "PRIORITY": PriorityFrame(7, depends_on=0, stream_weight=1),
+            "WINDOW_UPDATE": WindowUpdateFrame(0, window_increment=1),
+            "RST_STREAM of a closed stream": RstStreamFrame(1, error_code=8),
+            "empty DATA": DataFrame(3, data=b""),
+            "padded DATA": DataFrame(3, data=b"", pad_length=0, flags=["PADDED"]),
+            "ALTSVC": AltSvcFrame(0, origin=b"x", field=b"y"),
+        }
+        kinds = {name: frame.serialize() for name, frame in kinds.items()}
+        kinds["unknown type"] = b"\x00\x00\x01\xfa\x00\x00\x00\x00\x00x"  # (ExtensionFrame serializes as DATA)
+        for name, frame in kinds.items():
+            h = self.authenticated()
+            h.client.send_headers(3, h.headers("bearer " + STATIC), end_stream=False)  # an open stream for DATA
+            h.pump()
+            events = self.flood(h, frame, 60)
+            self.assertEqual(h.goaway(events), ErrorCodes.ENHANCE_YOUR_CALM, name)
+            self.assertTrue(h.closed_promptly(), name)
+            self.assertLessEqual(sum(isinstance(e, PingAckReceived) for e in events), self.LIMIT, name)
+
+    def test_empty_continuation_flood(self):
+        """CVE-2024-27316 style: empty CONTINUATION frames are control frames too (h2 alone allows 64)."""
+        h = self.authenticated()
+        h.to_server(HeadersFrame(3, data=b"").serialize())
+        events = self.flood(h, ContinuationFrame(3, data=b"").serialize(), 60)
+        self.assertEqual(h.goaway(events), ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertTrue(h.closed_promptly())
+
+    def test_a_read_over_the_limit_is_not_answered(self):
+        """The count is taken before h2 parses the bytes: none of the PINGs of a flooding read is ACKed."""
+        h = self.authenticated()
+        events = self.flood(h, PingFrame(0, opaque_data=b"12345678").serialize() * 5000, 1)
+        self.assertEqual(h.goaway(events), ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertEqual(sum(isinstance(e, PingAckReceived) for e in events), 0)
+        self.assertEqual(len(h.log_lines("ENHANCE_YOUR_CALM")), 1)
+
+    def test_below_the_limit_every_second(self):
+        """45 PINGs a second, fed a byte at a time (frame headers cut anywhere), for 3 s: all ACKed, open."""
+        h = self.authenticated()
+        acks = 0
+        for _ in range(3):
+            h.clock.advance(1)
+            for byte in PingFrame(0, opaque_data=b"12345678").serialize() * 45:
+                h.to_server(bytes([byte]))
+            acks += sum(isinstance(e, PingAckReceived) for e in h.to_client())
+        self.assertEqual(acks, 135)
+        self.assertFalse(h.transport.disconnecting)
+
+    def test_requests_are_not_control_frames(self):
+        """500 requests with bodies (HEADERS, DATA with END_STREAM) and empty END_STREAM DATA: not counted."""
+        h = self.authenticated()
+        for _ in range(250):
+            h.post("bearer " + STATIC)
+            sid = h.client.get_next_available_stream_id()
+            h.client.send_headers(sid, h.headers("bearer " + STATIC), end_stream=False)
+            h.client.send_data(sid, b'{"a":1}', end_stream=False)
+            h.client.send_data(sid, b"", end_stream=True)
+        events = h.pump()
+        self.assertEqual(sum(isinstance(e, StreamEnded) for e in events), 500)
+        self.assertFalse(h.transport.disconnecting)
+        self.assertLessEqual(h.server.control, self.LIMIT)
+
+    def test_frame_counter(self):
+        c = ControlFrames()
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        stream = (preface + SettingsFrame(0).serialize() + HeadersFrame(1, data=b"x" * 100).serialize()
+                  + DataFrame(1, data=b"y" * 20000).serialize() + PingFrame(0).serialize()
+                  + DataFrame(1, data=b"", flags=["END_STREAM"]).serialize())
+        self.assertEqual(c.count(stream), 2)
+        for cut in (1, 7, 9, 30, 140, 20000):
+            c = ControlFrames()
+            self.assertEqual(sum(c.count(stream[i:i + cut]) for i in range(0, len(stream), cut)), 2, cut)
+
+    def test_empty_header_flood_bounded_by_the_advertised_list_size(self):
+        """CVE-2019-9516: 1,000 empty headers (3 bytes each, 32 by RFC 7541's count) pass 16 KiB decoded."""
+        h = self.authenticated()
+        block = Encoder().encode(h.headers("bearer " + STATIC)) + b"\x00\x00\x00" * 1000
+        h.to_server(HeadersFrame(3, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize())
+        self.assertTrue(h.closed_promptly(), "answered instead")
+        self.assertIsNotNone(h.goaway(h.to_client()))
+
+
+class EnrolLimitTests(unittest.TestCase):
+    def test_a_renewal_at_its_fields_limits_fits(self):
+        """Enrolment's own field limits decide the body kept, and it fits HTTP/2's window before a token."""
+        import json
+        body = json.dumps({"csr": ("x" * 64 + "\n") * (enrol.MAX_CSR // 65),
+                           "certificate": ("x" * 64 + "\n") * (enrol.MAX_CSR // 65),
+                           "nonce": "0" * 32, "time": 2**40, "signature": "ab" * enrol.MAX_SIGNATURE,
+                           "mac": "0" * 64}).encode()
+        self.assertLessEqual(len(body), ENROL_LIMIT)
+        self.assertEqual(ENROL_LIMIT, enrol.MAX_BODY)
+        self.assertLessEqual(ENROL_LIMIT, H2_INITIAL_WINDOW)
 
 
 class HTTP11DeadlineTests(unittest.TestCase):
@@ -451,8 +657,9 @@ class SettingsTests(unittest.TestCase):
         o = tap.Options()
         o.parseOptions(["--header-deadline", "3", "--h2-max-streams", "10", "--h2-body-budget", "100000",
                         "--h2-requests-per-second", "7", "--h2-resets-per-second", "8",
-                        "--h2-max-header-bytes", "9000"])
-        self.assertEqual(tap.provider_limits(o), Limits(3.0, 10, 100000, 7, 8, 9000))
+                        "--h2-max-header-bytes", "9000", "--h2-control-frames-per-second", "11",
+                        "--h2-body-deadline", "2.5"])
+        self.assertEqual(tap.provider_limits(o), Limits(3.0, 10, 100000, 7, 8, 9000, 11, 2.5))
 
     def test_defaults_match_the_shipped_config(self):
         """gateway.conf shows each limit's default, commented."""
@@ -460,13 +667,16 @@ class SettingsTests(unittest.TestCase):
         o.parseOptions([])
         text = (ROOT / "etc/pushd/gateway.conf").read_text()
         for name in ("header-deadline", "h2-max-streams", "h2-body-budget", "h2-requests-per-second",
-                     "h2-resets-per-second", "h2-max-header-bytes", "hpack-cache-bytes"):
+                     "h2-resets-per-second", "h2-max-header-bytes", "hpack-cache-bytes",
+                     "h2-control-frames-per-second", "h2-body-deadline"):
             self.assertIn(f"# {name} = {o[name]:g}" if isinstance(o[name], float) else f"# {name} = {o[name]}", text)
         self.assertEqual(tap.provider_limits(o), Limits())
 
     def test_bad_values_name_the_option(self):
         for argv, message in [(["--h2-body-budget", "1000"], "--h2-body-budget must be at least 65535"),
                               (["--h2-max-header-bytes", "10"], "--h2-max-header-bytes must be at least 4096"),
-                              (["--hpack-cache-bytes", "lots"], "--hpack-cache-bytes: 'lots' is not a number")]:
+                              (["--hpack-cache-bytes", "lots"], "--hpack-cache-bytes: 'lots' is not a number"),
+                              (["--h2-control-frames-per-second", "1"],
+                               "--h2-control-frames-per-second must be at least 10")]:
             with self.assertRaisesRegex(usage.UsageError, message):
                 tap.Options().parseOptions(argv)

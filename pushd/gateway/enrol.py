@@ -32,6 +32,11 @@ from pushd import tls
 
 MAX_CSR = 16 * 1024
 MAX_SIGNATURE = 1024  # bytes: an RSA-4096 signature is 512
+#: The largest request body, a renewal at its fields' limits: certificate and CSR (PEM, whose
+#: newline every 64 characters JSON writes as two), the signature in hex, nonce, time, MAC and
+#: JSON's keys. The provider API keeps an enrolment body up to this (rules.ENROL_LIMIT): 35,840
+#: bytes, within HTTP/2's initial window, which is all a connection without a token gets.
+MAX_BODY = 2 * (MAX_CSR + MAX_CSR // 64) + 2 * MAX_SIGNATURE + 512
 
 
 class EnrolSecrets:
@@ -225,7 +230,7 @@ class Enrolment:
         try:
             if self.rate_limit is not None and not self.rate_limit.allow(host):
                 raise BadRequest(429, "TooManyRequests")
-            if overflow or len(raw) > 4 * MAX_CSR:
+            if overflow or len(raw) > MAX_BODY:
                 raise BadRequest(413, "RequestTooLarge")
             try:
                 body = json.loads(raw)

@@ -86,6 +86,12 @@ class Options(config.Options):
          at_least(int, 4096, "h2-max-header-bytes")],
         ["hpack-cache-bytes", None, hpackfast.CACHE_BYTES, "Bytes of decoded HPACK strings remembered "
          "(JWTs), in all.", at_least(int, 0, "hpack-cache-bytes")],
+        # HTTP/2 floods and slow bodies after authentication (docs/security.md, "Provider API limits").
+        ["h2-control-frames-per-second", None, 1000, "Frames without request bytes (PING, SETTINGS, PRIORITY, "
+         "WINDOW_UPDATE, RST_STREAM, empty frames, ...) per HTTP/2 connection per second; beyond: GOAWAY "
+         "ENHANCE_YOUR_CALM.", at_least(int, 10, "h2-control-frames-per-second")],
+        ["h2-body-deadline", None, 5.0, "Seconds from an HTTP/2 request's HEADERS to the end of its body; "
+         "beyond: 400 IdleTimeout and the stream is reset.", config.positive(float)],
     ]
     optFlags = [
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
@@ -151,6 +157,8 @@ def provider_limits(options) -> Limits:
         requests_per_second=options["h2-requests-per-second"],
         resets_per_second=options["h2-resets-per-second"],
         max_header_bytes=options["h2-max-header-bytes"],
+        control_frames_per_second=options["h2-control-frames-per-second"],
+        body_deadline=options["h2-body-deadline"],
     )
 
 

@@ -12,7 +12,9 @@ any body byte is kept; a connection has one stream until a valid provider token 
 it (as APNs does), then ``max_streams``; bodies of streams not yet dispatched are held
 against the connection's flow-control window, which is reopened only as they are
 dispatched, so they never exceed ``body_budget``; requests and resets per second are
-bounded (CVE-2023-44487, rapid reset); header blocks are bounded in bytes and in time.
+bounded (CVE-2023-44487, rapid reset), and so are frames that carry no request bytes (the
+2019 HTTP/2 floods: PING, SETTINGS, empty frames, ...); header blocks are bounded in bytes and
+in time, and each body in time from its HEADERS.
 Every way this protocol ends a connection unregisters it as the transport's producer
 first: a TLS ``loseConnection`` waits for that.
 """
@@ -66,7 +68,9 @@ _check_h2_internals()
 ABORT_AFTER = 15
 #: The same after a hostile close (protocol error, too many requests or resets, late headers).
 ABORT_HOSTILE = 2
-_HEADERS, _CONTINUATION = 0x1, 0x9
+_DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
+_END_STREAM, _PADDED = 0x1, 0x8
+_PREFACE = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _500 = Answer(500, [(b"content-type", b"application/json")], b'{"reason": "InternalServerError"}')
 
 # h2's inbound header validation (RFC 9113 8.2 rules, a sixth of the remaining cost) is off:
@@ -77,14 +81,66 @@ _CONFIG = H2Configuration(client_side=False, header_encoding=None, validate_inbo
                           normalize_outbound_headers=False)
 
 
+class ControlFrames:
+    """
+    Counts the frames on the wire that carry no request bytes, from their 9-byte headers,
+    before h2 parses them: h2 answers every PING and SETTINGS itself and takes RST_STREAM for
+    a forgotten stream, ALTSVC and unknown frame types without an event, so its events would
+    miss them. Counted: every frame but HEADERS, CONTINUATION and DATA, and of those the ones
+    with an empty payload (a DATA that ends its stream excepted) and padded DATA.
+    """
+
+    __slots__ = ("skip", "head")
+
+    def __init__(self):
+        self.skip = _PREFACE  # payload bytes (or the preface) still to pass over
+        self.head = b""  # a frame header cut by the end of the last read
+
+    def count(self, data) -> int:
+        n = len(data)
+        control = 0
+        if self.head:
+            take = 9 - len(self.head)
+            head = self.head + data[:take]
+            if len(head) < 9:
+                self.head = head
+                return 0
+            self.head = b""
+            control += _is_control(head, 0)
+            pos = take + (head[0] << 16 | head[1] << 8 | head[2])
+        else:
+            pos = self.skip
+        while pos + 9 <= n:
+            control += _is_control(data, pos)
+            pos += 9 + (data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2])
+        if pos < n:
+            self.head = bytes(data[pos:])
+            self.skip = 0
+        else:
+            self.skip = pos - n
+        return control
+
+
+def _is_control(b, i) -> bool:
+    kind = b[i + 3]
+    empty = not (b[i] or b[i + 1] or b[i + 2])
+    if kind == _DATA:
+        flags = b[i + 4]
+        return bool(flags & _PADDED) or (empty and not flags & _END_STREAM)
+    if kind == _HEADERS or kind == _CONTINUATION:
+        return empty
+    return True
+
+
 class _Stream:
     """A request whose headers passed and whose body is coming in."""
 
-    __slots__ = ("ticket", "body", "size", "held")
+    __slots__ = ("ticket", "body", "size", "held", "since")
 
-    def __init__(self, ticket):
+    def __init__(self, ticket, since):
         self.ticket = ticket
-        self.body = []
+        self.since = since  # its HEADERS: the body must be complete within body_deadline
+        self.body = bytearray()  # one buffer: a body in 1-byte DATA frames costs no more than in one
         self.size = 0  # body bytes
         self.held = 0  # flow-controlled bytes not yet given back to the client's window
 
@@ -97,6 +153,7 @@ class Logs:
         self.calm = ThrottledLog(clock, log, "GOAWAY ENHANCE_YOUR_CALM to {peer}: {why}")
         self.late = ThrottledLog(clock, log, "closing provider connection from {peer}: {why}")
         self.idle = ThrottledLog(clock, log, "closing idle HTTP/2 connection from {peer}")
+        self.slow_body = ThrottledLog(clock, log, "400 IdleTimeout to {peer}: {why}")
 
 
 @implementer(IPushProducer)
@@ -123,15 +180,19 @@ class ProviderH2(Protocol):
         self.authenticated = False
         self.requests = 0  # HEADERS received in the current one-second window
         self.resets = 0
+        self.control = 0  # frames without request bytes in the current second
+        self.frames = ControlFrames()
         self._second = self.started
         self.last_activity = self.started
         self._flush_scheduled = False
         self._idle_call = None
         self._deadline_call = None
+        self._body_call = None
         self._abort = None
         self.headers_seen = False
         self.closing = False
         self.closed = False
+        self.paused = False  # the transport has more than its buffer's worth of our output unsent
 
     # --- connection life ------------------------------------------------------
 
@@ -152,7 +213,13 @@ class ProviderH2(Protocol):
             return  # ended: nothing more is read, parsed or logged
         now = self.clock.seconds()
         if now - self._second >= 1.0:
-            self._second, self.requests, self.resets = now, 0, 0
+            self._second, self.requests, self.resets, self.control = now, 0, 0, 0
+        self.control += self.frames.count(data)
+        if self.control > self.limits.control_frames_per_second:
+            # Before h2 sees them: no PING or SETTINGS of this read is answered.
+            self._hostile(self.logs.calm, ErrorCodes.ENHANCE_YOUR_CALM,
+                          f"more than {self.limits.control_frames_per_second} control frames in a second")
+            return
         try:
             events = self.conn.receive_data(data)
         except H2Error as e:
@@ -237,7 +304,9 @@ class ProviderH2(Protocol):
         if self.closing:
             return
         quiet = self.clock.seconds() - self.last_activity
-        if quiet >= self.idle_timeout and not self.pending and not self.unsent:
+        # An answer waiting for a window the client never opens does not keep it: only requests
+        # and answer bytes the client takes count as activity (_send_unsent).
+        if quiet >= self.idle_timeout and not self.pending:
             self.logs.idle(peer=self.peer)
             self._close(ErrorCodes.NO_ERROR, debug=b'{"reason":"IdleTimeout"}')
         else:
@@ -266,7 +335,7 @@ class ProviderH2(Protocol):
         self._abort = self.clock.callLater(abort_after, self.transport.abortConnection)
 
     def _stop_timers(self):
-        for name in ("_idle_call", "_deadline_call"):
+        for name in ("_idle_call", "_deadline_call", "_body_call"):
             call = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
@@ -307,11 +376,40 @@ class ProviderH2(Protocol):
             # Refused on its headers: no body byte of it is kept.
             self._respond(sid, t.answer, method == b"HEAD", event.stream_ended is None)
             return
-        s = _Stream(t)
+        s = _Stream(t, self.clock.seconds())
         if event.stream_ended is not None:
             self._dispatch(sid, s)
         else:
             self.streams[sid] = s
+            if self._body_call is None:
+                self._arm_body_deadline()
+
+    def _arm_body_deadline(self):
+        """One timer for the oldest open body (streams are kept in the order their HEADERS came)."""
+        for s in self.streams.values():
+            delay = max(0.0, s.since + self.limits.body_deadline - self.clock.seconds())
+            self._body_call = self.clock.callLater(delay, self._bodies_late)
+            return
+
+    def _bodies_late(self):
+        """Bodies not complete in time: APNs' 400 IdleTimeout, reset, their budget given back."""
+        self._body_call = None
+        if self.closing:
+            return
+        now = self.clock.seconds()
+        late = []
+        for sid, s in self.streams.items():
+            if now - s.since < self.limits.body_deadline - 1e-6:
+                break
+            late.append(sid)
+        for sid in late:
+            s = self.streams.pop(sid)
+            self._release(sid, s)
+            self._respond(sid, self.api.body_late(s.ticket), False, True)
+            self.logs.slow_body(peer=self.peer,
+                                why=f"a request body not complete within {self.limits.body_deadline:g} s")
+        self._arm_body_deadline()
+        self.flush()
 
     def _authenticated(self):
         """A valid provider token: the connection may use APNs' stream count and the full budget."""
@@ -340,7 +438,7 @@ class ProviderH2(Protocol):
             self._release(sid, s)
             self._respond(sid, self._finish(s.ticket, b"", True), False, True)
             return
-        s.body.append(event.data)
+        s.body += event.data
         if self.held > self.limits.body_budget:
             # Flow control makes this impossible for a client that keeps to its window.
             self._hostile(self.logs.calm, ErrorCodes.FLOW_CONTROL_ERROR, "bodies over the connection's budget")
@@ -367,7 +465,7 @@ class ProviderH2(Protocol):
             return _500
 
     def _dispatch(self, stream_id, s):
-        answer = self._finish(s.ticket, b"".join(s.body), False)
+        answer = self._finish(s.ticket, bytes(s.body), False)
         if isinstance(answer, defer.Deferred):
             self.pending += 1
             answer.addCallback(self._respond_later, stream_id)
@@ -428,6 +526,7 @@ class ProviderH2(Protocol):
             except (StreamClosedError, H2Error):
                 del self.unsent[stream_id]
                 continue
+            self.last_activity = self.clock.seconds()  # the client takes its answers
             if rest:
                 self.unsent[stream_id] = rest
             else:
@@ -444,9 +543,11 @@ class ProviderH2(Protocol):
     # The transport's buffer is full (the client does not read its answers): stop reading
     # requests until it drains, so nothing grows without bound.
     def pauseProducing(self):
+        self.paused = True
         self.transport.pauseProducing()
 
     def resumeProducing(self):
+        self.paused = False
         if not self.closing:
             self.transport.resumeProducing()
 

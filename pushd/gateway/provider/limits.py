@@ -28,6 +28,12 @@ class Limits:
     resets_per_second: int = 100
     #: Bytes of one HTTP/2 header block (HEADERS + CONTINUATION, HPACK-encoded and decoded).
     max_header_bytes: int = 16 * 1024
+    #: Frames that carry no request bytes (PING, SETTINGS, PRIORITY, WINDOW_UPDATE, RST_STREAM,
+    #: GOAWAY, unknown types, empty DATA/HEADERS/CONTINUATION) per HTTP/2 connection per second.
+    control_frames_per_second: int = 1000
+    #: Seconds from a stream's HEADERS to the end of its body, once the connection has a valid
+    #: token (before, ``header_deadline`` holds the whole connection); beyond: 400 IdleTimeout.
+    body_deadline: float = 5.0
 
 
 class ThrottledLog:

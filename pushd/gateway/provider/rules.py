@@ -18,6 +18,7 @@ from typing import NamedTuple
 from twisted.logger import Logger
 
 from pushd import wire
+from pushd.gateway.enrol import MAX_BODY as ENROL_LIMIT
 from pushd.gateway.router import Rejected
 
 PUSH_TYPES = {
@@ -38,9 +39,8 @@ _SUFFIXES = tuple(TOPIC_SUFFIX.values())  # no suffix ends another: one endswith
 #: Headers APNs refuses to see twice (400 DuplicateHeaders).
 SINGLE_HEADERS = (b"apns-topic", b"apns-priority", b"apns-push-type", b"apns-id", b"apns-expiration",
                   b"apns-collapse-id", b"authorization")
-#: The enrolment body is a CSR and a MAC (enrol.MAX_CSR); kept no larger.
+#: An enrolment body is kept up to enrolment's own largest request (ENROL_LIMIT, enrol.MAX_BODY).
 ENROL_PATH = b"/pushd/v1/enrol"
-ENROL_LIMIT = 16 * 1024
 DEVICE_PREFIX = b"/3/device/"
 _JSON = (b"content-type", b"application/json")
 
@@ -278,6 +278,13 @@ class ProviderAPI:
             return self.device.finish(t, body, overflow)
         status, out = self.enrol.answer(body, overflow, t.peer)
         return Answer(status, [_JSON], out)
+
+    @staticmethod
+    def body_late(t: Ticket) -> Answer:
+        """A body not complete in time: APNs' 400 IdleTimeout ("Idle timeout" in Apple's reason table)."""
+        if t.kind == "device":
+            return _answer(400, t.apns_id, "IdleTimeout")
+        return Answer(400, [_JSON], b'{"reason": "IdleTimeout"}')
 
     def answer(self, method, path, header, body, overflow, peer="", dup=False):
         """Both steps at once, for a request whose body is already in (HTTP/1.1)."""
