@@ -90,7 +90,14 @@ def write_private(path: Path, data: bytes) -> None:
     private.write(path, data)
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: float, backdate: float = 300.0):
+#: Every certificate is valid from an hour before it is made, as Let's Encrypt backdates its
+#: certificates: a device whose clock is behind by less than that still accepts a gateway
+#: installed a minute ago. With 5 minutes, a device clock 8 minutes behind failed the TLS
+#: handshake until the gateway's CA was 8 minutes old (docs/reliability.md, finding 2).
+BACKDATE = 3600.0
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: float, backdate: float = BACKDATE):
     now = _now()
     return (
         x509.CertificateBuilder()
@@ -191,9 +198,9 @@ def issue_device_cert(ca_key, ca_cert, public_key, device_id: str | None = None,
             x509.NameAttribute(NameOID.COMMON_NAME, device_id),
         ]
     )
-    # Backdated for device clocks a little behind, but never by more than a hundredth of the
-    # lifetime: the device renews at a fraction of not_before..not_after.
-    backdate = min(300.0, days * 86400 / 100)
+    # Backdated as the others (BACKDATE), but never by more than a hundredth of the lifetime:
+    # the device renews at a fraction of not_before..not_after.
+    backdate = min(BACKDATE, days * 86400 / 100)
     return (
         _builder(subject, ca_cert.subject, public_key, days, backdate)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

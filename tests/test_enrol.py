@@ -97,7 +97,7 @@ class EnrolmentTests(Fixture, unittest.TestCase):
         cert = x509.load_pem_x509_certificate(out["certificate"].encode())
         self.assertEqual(tls.device_id_of(cert), out["device_id"])
         life = cert.not_valid_after_utc - cert.not_valid_before_utc
-        self.assertLess(abs(life.total_seconds() - 365 * 86400 - 300), 5)
+        self.assertLess(abs(life.total_seconds() - 365 * 86400 - tls.BACKDATE), 5)
         (row,) = self.registry.certificates()
         self.assertEqual((row["device_id"], row["serial"]), (out["device_id"], f"{cert.serial_number:x}"))
         self.assertIn("enrol from 192.0.2.7", row["via"])

@@ -1,3 +1,6 @@
+import datetime
+
+from OpenSSL import crypto
 from twisted.trial import unittest
 
 from pushd import tls, wire
@@ -69,3 +72,28 @@ class PKITests(unittest.TestCase):
         third = tls.load_or_create_pki(state, ["push.example.org"])
         self.assertNotEqual(third.server_cert, first.server_cert)
         self.assertEqual(third.ca_cert, first.ca_cert)
+
+
+class BackdateTests(unittest.TestCase):
+    """A device whose clock is behind must accept a gateway installed a minute ago (and the
+    gateway a device enrolled a minute ago): every certificate is valid from an hour back.
+    Checked with OpenSSL's chain verification (what the TLS handshake runs) at a set time."""
+
+    def setUp(self):
+        self.ca_key, self.ca = tls.make_ca()
+        _, self.server = tls.issue_server_cert(self.ca_key, self.ca, ["localhost"])
+        self.device = tls.issue_device_cert(self.ca_key, self.ca, tls.new_key("ec").public_key())
+
+    def verify_at(self, minutes_behind, cert):
+        store = crypto.X509Store()
+        store.add_cert(crypto.X509.from_cryptography(self.ca))
+        store.set_time(datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=minutes_behind))
+        crypto.X509StoreContext(store, crypto.X509.from_cryptography(cert)).verify_certificate()
+
+    def test_fresh_certificates_verify_on_a_clock_55_minutes_behind(self):
+        for cert in (self.server, self.device):
+            self.verify_at(55, cert)
+
+    def test_not_before_an_hour_back(self):
+        with self.assertRaisesRegex(crypto.X509StoreContextError, "not yet valid"):
+            self.verify_at(65, self.server)

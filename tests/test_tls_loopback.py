@@ -1,8 +1,10 @@
 """The device's TLS to a real courier listener on loopback: the gateway's name is verified."""
 
+import datetime
 from pathlib import Path
 
 from twisted.internet import defer, endpoints, reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -80,6 +82,43 @@ class GatewayNameTests(unittest.TestCase):
         self.assertFalse(listener.up.called)
         self.assertEqual(f.successes, 0)
         self.assertEqual(self.router.sessions, {})
+
+
+class HandshakeFailureLogTests(unittest.TestCase):
+    """A device whose clock is behind the gateway's certificates by more than their backdating
+    fails every TLS handshake; its log must say why (it said only "reconnecting in 0.8 s")."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        # Certificates made two hours from now: on this clock, as on a device two hours behind.
+        later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=2)
+        self.patch(tls, "_now", lambda: later)
+        self.pki = tls.load_or_create_pki(Path(self.mktemp()), ["localhost", "127.0.0.1"])
+        self.patch(tls, "_now", lambda: datetime.datetime.now(datetime.timezone.utc))
+        courier = CourierFactory(Router(MemoryStore(), TokenMinter(b"k")), self.pki.ca_cert)
+        wrapped = TLSMemoryBIOFactory(self.pki.server_options(tls.COURIER_ALPN), False, courier)
+        self.port = yield endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(wrapped)
+        self.addCleanup(self.port.stopListening)
+        self.lines = []
+        observer = lambda event: self.lines.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    @defer.inlineCallbacks
+    def test_not_yet_valid_is_named_on_one_line(self):
+        device = Device(ca=(self.pki.ca_key, self.pki.ca_cert))
+        transport = TLSTransport("127.0.0.1", self.port.getHost().port, tls.cert_pem(self.pki.ca_cert), "localhost")
+        f = CourierClientFactory(Listener(), [transport], device.key, device.der, max_delay=0.2)
+        f.start()
+        while f.failures < 2:
+            yield task_sleep(0.05)
+        yield f.stop()
+        self.assertEqual(f.successes, 0)
+        why = [line for line in self.lines if "ended before Connect was accepted" in line]
+        self.assertEqual(len(why), f.failures, self.lines)
+        self.assertIn("certificate is not yet valid", why[0])
+        self.assertIn("valid " + (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H"), why[0])
+        self.assertNotIn("\n", why[0])
 
 
 def task_sleep(seconds):

@@ -218,6 +218,12 @@ class CourierClientProtocol(protocol.Protocol):
         self.transport.abortConnection()
 
     def connectionLost(self, reason):
+        if not self.ready and not self._closing:
+            # A failed attempt whose reason nobody logged yet (a TLS handshake failure, a
+            # close by the gateway): one line per attempt, bounded by the backoff.
+            f = self.factory
+            self.log.info("connection to {transport} ended before Connect was accepted: {why}",
+                          transport=f.current.describe(), why=f.current.explain(self.transport, reason))
         self._closing = True
         self._cancel_timeout()
         if self._ka_call is not None and self._ka_call.active():

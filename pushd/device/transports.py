@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from OpenSSL import SSL, crypto
 from zope.interface import Interface, implementer
 
 from pushd import tls
@@ -19,6 +20,9 @@ class ICourierTransport(Interface):
 
     def describe():
         """A short text for logs and the status report."""
+
+    def explain(connection, reason):
+        """One line saying why ``connection`` ended before its Connect was accepted."""
 
 
 @implementer(ICourierTransport)
@@ -37,6 +41,30 @@ class TLSTransport:
     def describe(self):
         return f"tls:{self.host}:{self.port}"
 
+    def explain(self, connection, reason):
+        """OpenSSL says only "certificate verify failed": verify the gateway's certificate
+        again here to name why (most often "not yet valid": this device's clock is behind)."""
+        why = reason.getErrorMessage()
+        if not reason.check(SSL.Error) or "certificate verify failed" not in why:
+            return why
+        try:
+            # Only the chain as sent is kept after a failed verification (not the peer's
+            # certificate alone): getHandle() is the TLS transport's OpenSSL connection.
+            chain = connection.getHandle().get_peer_cert_chain()
+        except Exception:
+            chain = None
+        if not chain:
+            return why
+        store = crypto.X509Store()
+        store.add_cert(crypto.load_certificate(crypto.FILETYPE_PEM, self.ca_pem))
+        try:
+            crypto.X509StoreContext(store, chain[0], chain[1:]).verify_certificate()
+        except crypto.X509StoreContextError as e:
+            cert = e.certificate.to_cryptography()
+            return (f"certificate verify failed: {e} ({cert.subject.rfc4514_string()}, valid "
+                    f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})")
+        return why
+
 
 @implementer(ICourierTransport)
 @dataclass
@@ -52,6 +80,9 @@ class TCPTransport:
 
     def describe(self):
         return f"tcp:{self.host}:{self.port}"
+
+    def explain(self, connection, reason):
+        return reason.getErrorMessage()
 
 
 def parse(description: str, ca_pem: bytes, tls_name: str | None = None):
