@@ -43,6 +43,8 @@ from bench import common, floods, h2send
 TOPIC = "com.example.abuse"
 DEFAULT_OUT = common.ROOT / "docs" / "security-abuse.md"
 QUICK_OUT = Path("/tmp/pushd-abuse-quick.md")
+#: The run against the gateway before issue 10's limits: the "before" column of later runs.
+BEFORE = common.ROOT / "docs" / "security-abuse-before.json"
 #: The gateway's soft fd limit. The shipped unit says 20,000, as does this machine; the
 #: floods' default counts stay far below the load generator's own 20,000, so the gateway
 #: gets fewer, for a flood to be able to reach its limit (no cap: EMFILE).
@@ -124,6 +126,11 @@ class Gateway:
         if self.proc is not None:
             common.stop(self.proc, timeout=10)
             self.proc = None
+
+    def log_text(self) -> str:
+        """This run's log, with the parts twistd rotated away (every 1 MB: LOG.1, LOG.2, ...)."""
+        parts = sorted(self.log.parent.glob(self.log.name + ".*"), key=lambda p: -int(p.suffix[1:]))
+        return "".join(p.read_text(errors="replace") for p in [*parts, self.log] if p.exists())
 
     @property
     def pid(self):
@@ -323,7 +330,7 @@ def run_one(name, flood, mode, params, gw, honest, sampler, rate, enrol_body) ->
     samples_before = sampler.between(t_start - pre, t_start)
     during = sampler.between(t_start, t_end)
     after = sampler.between(t_after - 1.5, t_after + 0.5) or sampler.samples[-1:]
-    text = gw.log.read_text(errors="replace")
+    text = gw.log_text()
     cpu = None
     if during and samples_before:
         cpu = _r((during[-1][3] - samples_before[-1][3]) / max(1e-3, during[-1][0] - samples_before[-1][0]) * 100, 0)
@@ -423,13 +430,48 @@ def _per(row, key, n):
     return f"{(row[key] - row['rss_before_kib']) / n:.0f}"
 
 
-def write_report(results, out: Path):
+def compare(results, before) -> list:
+    """Key numbers of an earlier run (the gateway before hardening) beside this one's."""
+    old = {(r["flood"], r["from"]): r for r in before["rows"]}
+
+    def held(r):
+        return r["flood_result"].get("held_peak", "–")
+
+    def p99(r):
+        return r["honest"]["p99_ms"]
+
+    def kib(r):
+        k = r.get("kib_per_connection")
+        return "–" if k is None else f"{k:.0f}"
+
+    ob, nb = before["baseline"]["honest"], results["baseline"]["honest"]
+    lines = ["", f"Before → now: the run of {before['date']} (pushd at {before.get('commit', '?')}"
+                 + (f", {before['label']}" if before.get("label") else "") + ") beside this one. Baseline honest "
+                 f"p99: {ob['p99_ms']} → {nb['p99_ms']} ms.", "",
+             "| flood | from | held peak | gateway RSS peak MiB | KiB per conn | honest p99 ms | new honest TLS ok "
+             "| EMFILE lines | gateway log lines |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        o = old.get((r["flood"], r["from"]))
+        if o is None:
+            continue
+        lines.append(
+            f"| {r['flood']} | {r['from']} | {held(o)} → {held(r)} | {mib(o['rss_peak_kib'])} → {mib(r['rss_peak_kib'])} "
+            f"| {kib(o)} → {kib(r)} | {p99(o)} → {p99(r)} | {o['honest']['probes_ok']}/{o['honest']['probes']} → "
+            f"{r['honest']['probes_ok']}/{r['honest']['probes']} | {o['emfile_lines']} → {r['emfile_lines']} "
+            f"| {o['log_lines']} → {r['log_lines']} |")
+    return lines
+
+
+def write_report(results, out: Path, before=None):
     base = results["baseline"]
     b = base["honest"]
+    title = "## Floods against a gateway on its defaults (bench/abuse.py)"
     lines = [
-        "## Floods against a gateway on its defaults (bench/abuse.py)",
+        title + (f": {results['label']}" if results.get("label") else ""),
         "",
-        f"`{results['command']}` on {results['date']} ({results['mode']} mode, {results['total_seconds']} s; "
+        f"`{results['command']}` on {results['date']}, pushd at {results.get('commit', '?')} "
+        f"({results['mode']} mode, {results['total_seconds']} s; "
         f"{results['machine']}). Gateway: `{results['gateway_command']}` (SQLite store), restarted before "
         f"each flood, soft fd limit {results['gateway_nofile']}, on its own core; the floods run in one process "
         "on the other. Honest side: a real `pushd-device` and `pushctl listen`, one push a second over HTTP/2 "
@@ -456,6 +498,8 @@ def write_report(results, out: Path):
             f"{mib(row['rss_after_kib'])} | {'–' if kib is None else f'{kib:.0f}'} | {row['fds_peak']} | "
             f"{row['gateway_cpu_pct']} | {h['p50_ms']} / {h['p99_ms']} | {row['pushes_lost']} / {row['pushes_refused']} | "
             f"{h['probes_ok']}/{h['probes']} | {row['emfile_lines']} | {row['log_lines']} | {verdict(row, base)} |")
+    if before:
+        lines += compare(results, before)
     lines += ["", "What each flood sends, and what it saw (counts from the attacker's side):", ""]
     for flood in ORDER:
         rows = [r for r in results["rows"] if r["flood"] == flood]
@@ -478,6 +522,18 @@ def write_report(results, out: Path):
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
+
+
+def commit() -> str:
+    """The checkout the gateway ran from: short commit, '+' if it had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(common.ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(common.ROOT), "status", "--porcelain", "--untracked-files=no",
+                                "pushd"], capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
 
 
 def parse_counts(text, ap):
@@ -503,6 +559,10 @@ def main(argv=None):
     ap.add_argument("--gateway-nofile", type=int, default=GATEWAY_NOFILE,
                     help=f"the gateway's soft fd limit [default: {GATEWAY_NOFILE}]")
     ap.add_argument("--gateway-arg", action="append", default=[], help="an option for the gateway (repeatable)")
+    ap.add_argument("--label", help="a word on what was measured, for the report's title (e.g. 'before')")
+    ap.add_argument("--before", type=Path, help="JSON of an earlier run, shown beside this one "
+                                                f"[default: {BEFORE.relative_to(common.ROOT)} if it exists]")
+    ap.add_argument("--report-only", type=Path, metavar="JSON", help="rebuild the report from a run's JSON")
     ap.add_argument("--out", type=Path, help=f"markdown report [default: {DEFAULT_OUT.relative_to(common.ROOT)}, "
                                              f"or {QUICK_OUT} with --quick]; JSON beside it")
     args = ap.parse_args(argv)
@@ -521,6 +581,16 @@ def main(argv=None):
     if args.settle is not None:
         params["settle"] = args.settle
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    before_path = args.before or (BEFORE if BEFORE.exists() else None)
+    before = json.loads(before_path.read_text()) if before_path else None
+    if args.report_only:
+        results = json.loads(args.report_only.read_text())
+        if before is not None and before_path.resolve() == args.report_only.resolve():
+            before = None
+        results["json_name"] = args.report_only.name
+        write_report(results, out, before)
+        log(f"wrote {out}")
+        return 0
 
     common.raise_fd_limit()
     work = common.tmpdir("pushd-abuse-")
@@ -547,14 +617,17 @@ def main(argv=None):
         common.stop_all()
     machine = (f"{len(common.CPUS)} CPUs, "
                f"{next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), '?')}")
-    results = {"command": "python -m bench.abuse " + shlex.join(sys.argv[1:] if argv is None else argv),
+    results = {"command": " ".join(["python -m bench.abuse", shlex.join(sys.argv[1:] if argv is None else argv)]).strip(),
+               "label": args.label, "commit": commit(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mode": "quick" if args.quick else "full",
                "total_seconds": round(time.monotonic() - started), "machine": machine,
                "gateway_command": gw.command(), "gateway_nofile": args.gateway_nofile, "params": params,
                "baseline": base, "rows": rows, "json_name": out.with_suffix(".json").name}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    write_report(results, out)
+    if before is not None and before_path.resolve() == out.with_suffix(".json").resolve():
+        before = None
+    write_report(results, out, before)
     log(f"wrote {out} ({results['total_seconds']} s)")
     print(out.read_text())
     return 0

@@ -281,6 +281,30 @@ async def open_many(tally, n, concurrency, connect, until):
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
+async def keep_open(tally, n, concurrency, connect, until):
+    """Hold n connections as an attacker would: open them, and open new ones (from new
+    addresses, in "many" mode) as the gateway closes or refuses them, until `until`; at most
+    n + max(2n, 200) dials in all, and after the first n at most 100 a second."""
+    budget = n + max(2 * n, 200)
+    pending = set()
+    i = 0
+    while time.monotonic() < until and not tally.stopping and i < budget:
+        if len(pending) >= concurrency or len(tally.live) + len(pending) >= n:
+            await asyncio.sleep(0.01 if len(pending) >= concurrency else 0.2)
+            continue
+        task = asyncio.ensure_future(connect(i))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        i += 1
+        if i > n:
+            tally.counters["redials"] += 1
+            await asyncio.sleep(0.01)
+        elif i % concurrency == 0:
+            await asyncio.sleep(0)
+    if pending:
+        await asyncio.wait(pending, timeout=max(0.1, until - time.monotonic()))
+
+
 def close_all(tally):
     tally.stopping = True
     for p in list(tally.live):
@@ -398,13 +422,14 @@ async def flood_h2(spec, tally, until):
         if p is not None:
             conns.append(p)
 
-    await open_many(tally, spec["connections"], 16, connect, until)
+    opener = asyncio.ensure_future(keep_open(tally, spec["connections"], 16, connect, until))
     while time.monotonic() < until:
         await asyncio.sleep(min(ping_every, max(0.0, until - time.monotonic())))
         for c in conns:
             if c in tally.live:
                 c.ping()
                 c.open_streams()
+    opener.cancel()
 
 
 async def flood_hpack(spec, tally, until):
@@ -458,7 +483,7 @@ async def flood_trickle(spec, tally, until):
     async def connect(i):
         await dial(tally, lambda: Trickler(tally), spec["courier_port"], spec["mode"], i, ctx)
 
-    opener = asyncio.ensure_future(open_many(tally, spec["connections"], spec.get("concurrency", CONCURRENCY), connect,
+    opener = asyncio.ensure_future(keep_open(tally, spec["connections"], spec.get("concurrency", CONCURRENCY), connect,
                                              until))
     while time.monotonic() < until:
         await asyncio.sleep(min(every, max(0.0, until - time.monotonic())))
@@ -487,7 +512,7 @@ async def flood_slowloris(spec, tally, until):
     async def connect(i):
         await dial(tally, lambda: Slow(tally), spec["provider_port"], spec["mode"], i, ctx)
 
-    opener = asyncio.ensure_future(open_many(tally, spec["connections"], spec.get("concurrency", CONCURRENCY), connect,
+    opener = asyncio.ensure_future(keep_open(tally, spec["connections"], spec.get("concurrency", CONCURRENCY), connect,
                                              until))
     while time.monotonic() < until:
         await asyncio.sleep(min(every, max(0.0, until - time.monotonic())))
@@ -516,7 +541,7 @@ async def flood_rapid_reset(spec, tally, until):
             p.send(H2_PREFACE + frame(SETTINGS, 0, 0))
             conns.append(p)
 
-    await open_many(tally, spec["connections"], 8, connect, until)
+    opener = asyncio.ensure_future(keep_open(tally, spec["connections"], 8, connect, until))
     while time.monotonic() < until:
         wrote = False
         for p in conns:
@@ -535,6 +560,7 @@ async def flood_rapid_reset(spec, tally, until):
             tally.counters["requests"] += batch
             wrote = True
         await asyncio.sleep(0 if wrote else 0.005)
+    opener.cancel()
 
 
 def client_hello(alpn) -> bytes:
@@ -562,7 +588,7 @@ async def flood_connections(spec, tally, until):
             p.send(hellos[port])
             tally.counters["client_hellos"] += 1
 
-    await open_many(tally, spec["connections"], spec.get("concurrency", 200), connect, until)
+    await keep_open(tally, spec["connections"], spec.get("concurrency", 200), connect, until)
     while time.monotonic() < until:
         await asyncio.sleep(min(1.0, max(0.0, until - time.monotonic())))
 
