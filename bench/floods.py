@@ -20,7 +20,6 @@ import collections
 import json
 import os
 import random
-import secrets
 import ssl
 import struct
 import time
