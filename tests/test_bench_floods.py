@@ -54,7 +54,9 @@ class HandBuiltFrames(unittest.TestCase):
 
 
 class AgainstARealGateway(unittest.TestCase):
-    def test_trickle_holds_its_connections_then_closes_them(self):
+    def test_trickle_is_closed_by_the_pre_connect_budget(self):
+        """The flood runs against a real gateway, which closes what it trickles: its 32 KiB
+        frame header is over the budget a connection has before Connect (--connect-budget)."""
         from bench import abuse, common
 
         work = common.tmpdir("pushd-floods-test-")
@@ -66,6 +68,5 @@ class AgainstARealGateway(unittest.TestCase):
         finally:
             gw.stop()
         self.assertNotIn("error", result)
-        self.assertEqual(20, result["opened"])
-        self.assertEqual(20, result["held_end"])
-        self.assertEqual(0, result["closed_by_gateway"])
+        self.assertGreaterEqual(result["opened"], 20)  # it re-dials what the gateway closes
+        self.assertGreater(result["closed_by_gateway"], 0)
