@@ -162,21 +162,6 @@ def _post(url: str, body: bytes, ctx, timeout: float, what: str) -> dict:
 RENEWAL = "renewal.pem"
 
 
-def _write_durable(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def _same_key(key, cert) -> bool:
     return tls.key_fingerprint(key.public_key()) == tls.key_fingerprint(cert.public_key())
 
@@ -196,8 +181,8 @@ def finish_renewal(state_dir: Path):
     except (OSError, ValueError, tls.AuthError):
         pending.unlink()
         return None
-    _write_durable(state_dir / "device.key", tls.key_pem(key))
-    _write_durable(state_dir / "device.pem", tls.cert_pem(cert))
+    private.write(state_dir / "device.key", tls.key_pem(key))
+    private.write(state_dir / "device.pem", tls.cert_pem(cert))
     pending.unlink()
     return cert
 
@@ -234,6 +219,6 @@ def renew(url: str, ident: Identity, timeout: float = 30.0, key_type: str | None
     if tls.device_id_of(cert) != ident.device_id or not _same_key(key, cert):
         raise EnrolError("gateway's renewal answer is not a certificate of this device and key")
     state = ident.state_dir
-    _write_durable(state / RENEWAL, tls.key_pem(key) + tls.cert_pem(cert))
+    private.write(state / RENEWAL, tls.key_pem(key) + tls.cert_pem(cert))
     finish_renewal(state)
     return key, cert
