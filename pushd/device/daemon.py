@@ -66,6 +66,12 @@ class DeviceDaemon:
         self.duplicates = 0
         self._filter_sent = None
 
+    def close(self):
+        """Log the refusals still counted, leave no timer, close the queue."""
+        self.refusals.stop()
+        self.takeovers.stop()
+        self.held.close()
+
     def _topics(self):
         return {wire.topic_hash(t): t for t in self.identity.apps}
 
