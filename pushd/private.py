@@ -43,9 +43,13 @@ def ensure_dir(path) -> Path:
 
 def write(path, data: bytes) -> None:
     """
-    Write a file readable by its owner only, atomically (a reader sees old or new). Run as
-    root (``sudo pushctl keys ...`` for a gateway running as its own user), the file keeps
-    the owner of the file it replaces, or of its directory: else the daemon could not read it.
+    Write a file readable by its owner only, atomically and durably: a reader sees old or
+    new, and once this returns the new content survives a crash (the file and then its
+    directory are fsync'd). Callers rely on the order of their writes surviving too
+    (enrol.rotate_secret writes the old secret before the new one; a renewal writes
+    renewal.pem before replacing device.key and device.pem). Run as root (``sudo pushctl
+    keys ...`` for a gateway running as its own user), the file keeps the owner of the file
+    it replaces, or of its directory: else the daemon could not read it.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -58,10 +62,22 @@ def write(path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             fd = None
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     finally:
         if fd is not None:
             os.close(fd)
     os.replace(tmp, path)
+    sync_dir(path.parent)
+
+
+def sync_dir(path) -> None:
+    """fsync a directory: a rename or unlink in it is durable only after this."""
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def sqlite_file(path) -> None:

@@ -18,9 +18,10 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from pushd import tls
-from pushd.gateway.enrol import Enrolment, EnrolSecrets, SeenNonces, rotate_secret
+from pushd.gateway.enrol import Enrolment, EnrolSecrets, rotate_secret
+from pushd.gateway.provider.rules import enrol_answer
 from pushd.gateway.ratelimit import Buckets
-from pushd.gateway.registry import DeviceRegistry
+from pushd.gateway.registry import DeviceRegistry, Refusal
 
 from .helpers import CA_CERT, CA_KEY, T0
 
@@ -85,8 +86,8 @@ class Fixture:
         kw.setdefault("rate_limit", Buckets(1.0, 20.0, self.clock))
         return Enrolment(self.pki, self.secrets, self.registry, self.clock, **kw)
 
-    def ask(self, body, peer=PEER, enrolment=None):
-        status, out = (enrolment or self.enrolment).answer(body, False, peer)
+    def ask(self, body, peer=PEER, enrolment=None, overflow=False):
+        status, _, out = enrol_answer(enrolment or self.enrolment, body, overflow, peer)
         return status, json.loads(out)
 
 
@@ -118,8 +119,10 @@ class EnrolmentTests(Fixture, unittest.TestCase):
         self.assertEqual(self.ask(body, enrolment=restarted), (409, {"reason": "KeyAlreadyEnrolled"}))
 
     def test_stale_or_future_time_refused(self):
-        self.assertEqual(self.ask(enrol_body(self.secret, when=T0 - 301)), (403, {"reason": "StaleRequest"}))
-        self.assertEqual(self.ask(enrol_body(self.secret, when=T0 + 301)), (403, {"reason": "StaleRequest"}))
+        # The answer carries the gateway's time (ms), for the device's next try.
+        stale = (403, {"reason": "StaleRequest", "server_time": int(T0 * 1000)})
+        self.assertEqual(self.ask(enrol_body(self.secret, when=T0 - 301)), stale)
+        self.assertEqual(self.ask(enrol_body(self.secret, when=T0 + 301)), stale)
         self.assertEqual(self.ask(enrol_body(self.secret, when=T0 - 299))[0], 200)
 
     def test_nonce_memory_is_bounded_and_refuses_when_full(self):
@@ -131,13 +134,20 @@ class EnrolmentTests(Fixture, unittest.TestCase):
         self.assertEqual(self.ask(enrol_body(self.secret, when=self.clock.seconds()), enrolment=e)[0], 200)
         self.assertEqual(len(e.nonces), 1)
 
-    def test_seen_nonces_forgets_only_after_twice_the_window(self):
-        seen = SeenNonces(300, 10, self.clock)
-        self.assertIsNone(seen.add("a"))
-        self.clock.advance(599)
-        self.assertEqual(seen.add("a"), "replay")
-        self.clock.advance(2)
-        self.assertIsNone(seen.add("a"))
+    def test_nonce_remembered_while_its_time_is_in_the_window(self):
+        """A request dated ahead is remembered until its own time leaves the window, not just 300 s."""
+        e = self.make(rate_limit=None)
+        nonce = secrets.token_hex(16)
+        body = enrol_body(self.secret, nonce=nonce, when=T0 + 299)
+        self.assertEqual(self.ask(body, enrolment=e)[0], 200)
+        self.clock.advance(598)  # its time is still inside the window: a replay
+        self.assertEqual(self.ask(body, enrolment=e), (409, {"reason": "ReplayedRequest"}))
+        self.clock.advance(1)
+        self.assertEqual(self.ask(body, enrolment=e), (409, {"reason": "ReplayedRequest"}))
+        self.clock.advance(1)  # stale now, and forgotten
+        self.assertEqual(self.ask(body, enrolment=e)[1]["reason"], "StaleRequest")
+        self.assertEqual(self.ask(enrol_body(self.secret, when=self.clock.seconds()), enrolment=e)[0], 200)
+        self.assertEqual(len(e.nonces), 1)
 
     def test_rate_limited_per_address(self):
         bad = enrol_body(b"wrong")
@@ -150,6 +160,37 @@ class EnrolmentTests(Fixture, unittest.TestCase):
         self.clock.advance(1.0)
         self.assertEqual(self.ask(enrol_body(self.secret, when=self.clock.seconds()))[0], 200)
         self.assertEqual(self.ask(bad)[0], 429)
+
+    def test_rate_limited_per_ipv6_prefix(self):
+        """IPv6 sources count by prefix (admission.address_key, --ipv6-prefix): a /64 is one subscriber."""
+        e = self.make(rate_limit=Buckets(1.0, 2.0, self.clock))
+        bad = enrol_body(b"wrong")
+        one = "IPv6Address(type='TCP', host='2001:db8:0:1::{n:x}', port=40000, flowInfo=0, scopeID=0)"
+        statuses = [self.ask(bad, peer=one.format(n=n), enrolment=e)[0] for n in range(1, 5)]
+        self.assertEqual(statuses, [403, 403, 429, 429])
+        other = "IPv6Address(type='TCP', host='2001:db8:0:2::1', port=40000, flowInfo=0, scopeID=0)"
+        self.assertEqual(self.ask(bad, peer=other, enrolment=e)[0], 403)
+        # An IPv4-mapped address is its IPv4 address.
+        v4 = "IPv4Address(type='TCP', host='192.0.2.9', port=1)"
+        mapped = "IPv6Address(type='TCP', host='::ffff:192.0.2.9', port=2, flowInfo=0, scopeID=0)"
+        self.assertEqual([self.ask(bad, peer=p, enrolment=e)[0] for p in (v4, v4, mapped)], [403, 403, 429])
+
+    def test_refusals_logged_at_most_once_a_second_with_counts(self):
+        events = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        e = self.make(rate_limit=None)
+        for _ in range(50):
+            self.ask(enrol_body(b"wrong"), enrolment=e)
+        lines = [x for x in events if "enrolment requests since the last line" in x.get("log_format", "")]
+        self.assertEqual([x["total"] for x in lines], [1])
+        self.clock.advance(1.0)
+        lines = [x for x in events if "enrolment requests since the last line" in x.get("log_format", "")]
+        self.assertEqual([x["total"] for x in lines], [1, 49])
+        self.assertEqual(lines[1]["counts"], {"BadEnrolmentSecret": 49})
+        self.assertEqual(lines[1]["peer"], "192.0.2.7")
 
     def test_key_policy(self):
         for key, ok in [
@@ -205,7 +246,7 @@ class EnrolmentTests(Fixture, unittest.TestCase):
             status, out = self.ask(raw)
             self.assertEqual(status, 400, raw)
             self.assertTrue(out["reason"].startswith("BadRequest: "))
-        self.assertEqual(self.enrolment.answer(b"x", True, PEER)[0], 413)
+        self.assertEqual(self.ask(b"x", overflow=True), (413, {"reason": "RequestTooLarge"}))
 
     def test_old_format_without_nonce_refused(self):
         csr_pem = csr_of(tls.new_key("ec"))
@@ -291,6 +332,30 @@ class RenewalTests(Fixture, unittest.TestCase):
         self.assertEqual(self.registry.check(old_der, device, now + 7 * 86400 + 1), "certificate replaced by a renewal")
         self.assertIsNone(self.registry.check(new_der, device, now + 7 * 86400 + 1))
 
+    def test_retired_certificate_cannot_renew_again(self):
+        """Review item 5: a leaked old key must not mint certificates during the overlap."""
+        key, cert = self.enrolled()
+        successor_key = tls.new_key("ec")
+        self.assertEqual(self.ask(renew_body(key, cert, successor_key))[0], 200)
+        # The old certificate still Connects for the overlap...
+        old_der = cert.public_bytes(serialization.Encoding.DER)
+        self.assertIsNone(self.registry.check(old_der, tls.device_id_of(cert), self.clock.seconds()))
+        # ...but its key renews no more, neither to a new key nor to itself.
+        for new_key in (tls.new_key("ec"), key):
+            self.assertEqual(self.ask(renew_body(key, cert, new_key)), (403, {"reason": "CertificateReplaced"}))
+        self.assertEqual(len(self.registry.certificates()), 2)
+
+    def test_device_that_lost_the_renewal_answer_gets_its_successor_key_certified(self):
+        """Only with the successor's key (proven by the CSR's signature): the device keeps it for its retries."""
+        key, cert = self.enrolled()
+        successor_key = tls.new_key("ec")
+        self.assertEqual(self.ask(renew_body(key, cert, successor_key))[0], 200)  # the answer is lost
+        status, out = self.ask(renew_body(key, cert, successor_key))
+        self.assertEqual(status, 200, out)
+        again = x509.load_pem_x509_certificate(out["certificate"].encode())
+        self.assertEqual(tls.key_fingerprint(again.public_key()), tls.key_fingerprint(successor_key.public_key()))
+        self.assertEqual(tls.device_id_of(again), tls.device_id_of(cert))
+
     def test_renewal_needs_the_certificate_key(self):
         key, cert = self.enrolled()
         status, out = self.ask(renew_body(key, cert, signer=tls.new_key("ec")))
@@ -307,6 +372,8 @@ class RenewalTests(Fixture, unittest.TestCase):
         self.assertEqual(self.ask(renew_body(stranger, foreign)), (403, {"reason": "BadCertificate"}))
         self.registry.revoke(tls.device_id_of(cert), self.clock.seconds())
         self.assertEqual(self.ask(renew_body(key, cert)), (403, {"reason": "DeviceRevoked"}))
+        self.assertEqual(self.registry.check(cert.public_bytes(serialization.Encoding.DER), tls.device_id_of(cert),
+                                             self.clock.seconds()), Refusal.REVOKED)
 
     def test_renewal_replay_and_expired_certificate_refused(self):
         key, cert = self.enrolled()

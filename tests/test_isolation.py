@@ -242,7 +242,7 @@ class PeerCredentialTests(unittest.TestCase):
         for topic in ("com.root.app", "com.nobody.app"):
             self.ident.tokens[topic] = os.urandom(32)  # known tokens: Register answers at once
         self.daemon = DeviceDaemon(self.ident, reactor)
-        self.addCleanup(self.daemon.held.close)
+        self.addCleanup(self.daemon.close)
         sockdir = tempfile.mkdtemp(prefix="pushd-uid-")
         os.chmod(sockdir, 0o755)
         self.addCleanup(shutil.rmtree, sockdir, True)

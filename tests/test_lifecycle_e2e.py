@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 from cryptography import x509
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from pushd import tls
+from pushd.device import identity as identity_mod
+from pushd.device.identity import EnrolError, Identity
 
 from . import procs
 from .stack import Stack
@@ -71,6 +74,7 @@ class RenewalTests(unittest.TestCase):
         yield s.start_device("device", "--renew-at", "0.1")
         device_id = (yield s.device.wait_for(r"connected as device ([0-9a-f]{32})")).group(1)
         first = x509.load_pem_x509_certificate((s.dev_state / "device.pem").read_bytes())
+        first_key = tls.load_key((s.dev_state / "device.key").read_bytes())
         life = (first.not_valid_after_utc - first.not_valid_before_utc).total_seconds()
         self.assertLess(abs(life - 43.2), 1.0)
         app = s.listen(1)
@@ -79,6 +83,12 @@ class RenewalTests(unittest.TestCase):
         m = yield s.device.wait_for(r"renewed certificate: serial ([0-9a-f]+) -> ([0-9a-f]+)", timeout=30)
         self.assertEqual(int(m.group(1), 16), first.serial_number)
         yield s.gateway.wait_for(rf"renewed device {device_id}'s certificate")
+        # The replaced certificate's key (as if leaked) renews no more, over the real HTTPS API.
+        leaked = Identity(Path(self.mktemp()), first_key, first, (s.dev_state / "ca.pem").read_bytes())
+        leaked.state_dir.mkdir()
+        with self.assertRaises(EnrolError) as e:
+            yield threads.deferToThread(identity_mod.renew, f"https://127.0.0.1:{s.provider_port}", leaked)
+        self.assertEqual((e.exception.status, e.exception.reason), (403, "CertificateReplaced"))
         yield s.device.stop()
         renewed = [re.search(r"-> ([0-9a-f]+)", line).group(1) for line in s.device.lines
                    if "renewed certificate" in line]

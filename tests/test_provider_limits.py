@@ -126,7 +126,7 @@ class _Enrol:
     """Enrolment's answer() shape (pushd.gateway.enrol), for routing only."""
 
     def answer(self, raw, overflow, peer):
-        return 200, b"{}"
+        return {}
 
 
 class StreamsTests(unittest.TestCase):

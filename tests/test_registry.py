@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from pushd import ctl, wire
 from pushd.gateway.registry import MAX_LIST, DeviceRegistry
-from pushd.gateway.router import Rejected
+from pushd.gateway.router import Unregistered
 from pushd.store.interfaces import IDeviceRegistry
 from zope.interface.verify import verifyObject
 
@@ -125,6 +125,5 @@ class CourierRegistryTests(unittest.TestCase):
 
         token = self.gw.tokens.scoped_token(d.id, wire.topic_hash("com.example.app"))
         f = self.failureResultOf(self.gw.router.accept(token, "com.example.app", b"{}", b"\0" * 16, expiry=0))
-        f.trap(Rejected)
-        self.assertEqual((f.value.status, f.value.reason), (410, "Unregistered"))
-        self.assertEqual(f.value.extra["timestamp"], int(self.gw.clock.seconds() * 1000))
+        f.trap(Unregistered)
+        self.assertEqual(f.value.since, self.gw.clock.seconds())

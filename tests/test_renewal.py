@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import random
+import stat
+import time
+import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +16,10 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from pushd import tls
+from pushd import private, tls
+from pushd.gateway.enrol import Enrolment
+from pushd.gateway.provider.rules import enrol_answer
+from pushd.gateway.registry import DeviceRegistry
 from pushd.device import identity as identity_mod
 from pushd.device.identity import RENEWAL, EnrolError, Identity
 from pushd.device.renewal import FIRST_RETRY, Renewer
@@ -107,7 +116,7 @@ class RenewerTests(unittest.TestCase):
         self.results = []
 
     def renewer(self, seed=1):
-        def renew(url, ident):
+        def renew(url, ident, **kw):
             self.calls.append(self.clock.seconds())
             return self.results.pop(0)
 
@@ -152,7 +161,7 @@ class RenewerTests(unittest.TestCase):
     def test_failure_retries_with_backoff(self):
         r = self.renewer()
 
-        def fail(url, ident):
+        def fail(url, ident, **kw):
             self.calls.append(self.clock.seconds())
             raise EnrolError("gateway refused renewal: 503 RegistryUnavailable", 503)
 
@@ -167,3 +176,126 @@ class RenewerTests(unittest.TestCase):
         for n, gap in enumerate(gaps):
             self.assertTrue(0.5 * FIRST_RETRY * 2 ** n <= gap <= 1.5 * FIRST_RETRY * 2 ** n, (n, gap))
         self.assertIs(self.factory.private_key, self.ident.key)
+
+
+class _Answer:
+    def __init__(self, body):
+        self.body = body
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self, limit):
+        return self.body[:limit]
+
+
+class SkewedClockRenewalTests(unittest.TestCase):
+    """
+    Review item 6: a device whose clock is off by more than the gateway's window renews all the
+    same, stamped with the gateway's clock (from its ConnectAcks, or from a StaleRequest answer).
+    The gateway is a real Enrolment and registry; only the HTTPS hop is replaced by a call.
+    """
+
+    SKEW = 1000.0  # the device's clock is this far ahead of the gateway's
+
+    def setUp(self):
+        self.ident = new_identity(Path(self.mktemp()), days=30.0)
+        self.gw_clock = task.Clock()
+        self.gw_clock.advance(time.time())
+        self.clock = task.Clock()  # the device's
+        self.clock.advance(self.gw_clock.seconds() + self.SKEW)
+        gw_state = Path(self.mktemp())
+        gw_state.mkdir()
+        self.registry = DeviceRegistry(gw_state / "devices.sqlite3")
+        self.addCleanup(self.registry.close)
+        self.registry.record_cert(self.ident.cert, "test")
+        pki = SimpleNamespace(ca_key=CA_KEY, ca_cert=CA_CERT, enrol_secret=b"unused")
+        self.enrolment = Enrolment(pki, None, self.registry, self.gw_clock)
+        self.patch(identity_mod.urllib.request, "urlopen", self.urlopen)
+        self.factory = SimpleNamespace(private_key=self.ident.key, certificate_der=self.ident.cert_der,
+                                       clock_offset=0.0)
+        self.answers = []
+
+    def urlopen(self, req, context, timeout):
+        status, _, body = enrol_answer(self.enrolment, req.data, False, "IPv4Address(type='TCP', host='192.0.2.7', port=1)")
+        self.answers.append((status, json.loads(body).get("reason")))
+        if status != 200:
+            raise urllib.error.HTTPError(req.full_url, status, "refused", {}, io.BytesIO(body))
+        return _Answer(body)
+
+    def renewer(self):
+        def in_thread(f, *a):
+            try:
+                return defer.succeed(f(*a))
+            except Exception:
+                return defer.fail(Failure())
+
+        r = Renewer(self.ident, self.factory, "https://gateway", self.clock, rng=random.Random(1),
+                    in_thread=in_thread)
+        self.addCleanup(r.stopService)
+        return r
+
+    def test_stamped_with_the_clock_offset_from_connect_acks(self):
+        self.factory.clock_offset = -self.SKEW  # as the courier learned it from a ConnectAck
+        old = self.ident.cert.serial_number
+        self.renewer().renew()
+        self.assertEqual(self.answers, [(200, None)])
+        self.assertNotEqual(self.ident.cert.serial_number, old)
+
+    def test_stale_answer_carries_the_gateway_time_for_the_next_try(self):
+        """Never connected (no offset yet): the first try is stale, the next one uses the gateway's time."""
+        r = self.renewer()
+        r.running = True
+        old = self.ident.cert.serial_number
+        r.renew()
+        self.assertEqual(self.answers, [(403, "StaleRequest")])
+        self.assertEqual(self.ident.cert.serial_number, old)
+        (retry,) = self.clock.getDelayedCalls()
+        delay = retry.getTime() - self.clock.seconds()
+        self.clock.advance(delay)
+        self.gw_clock.advance(delay)
+        self.assertEqual(self.answers, [(403, "StaleRequest"), (200, None)])
+        self.assertNotEqual(self.ident.cert.serial_number, old)
+
+    def test_key_kept_across_retries_so_a_lost_answer_is_answered_again(self):
+        """The gateway answered but the device did not hear it: the retry with the same key is certified."""
+        self.factory.clock_offset = -self.SKEW
+        r = self.renewer()
+        r.running = True
+        real_post = identity_mod._post
+
+        def lost(*a):
+            real_post(*a)
+            raise identity_mod.EnrolError("cannot reach the gateway at https://gateway: timed out")
+
+        self.patch(identity_mod, "_post", lost)
+        r.renew()
+        key = r._key
+        self.assertIsNotNone(key)
+        self.patch(identity_mod, "_post", real_post)
+        (retry,) = self.clock.getDelayedCalls()
+        self.clock.advance(retry.getTime() - self.clock.seconds())
+        self.assertEqual(self.answers, [(200, None), (200, None)])
+        self.assertIs(self.ident.key, key)
+        self.assertIsNone(r._key)
+
+
+class DurableWriteTests(unittest.TestCase):
+    def test_file_and_directory_are_fsynced_before_the_write_returns(self):
+        """The renewal's crash safety rests on the order of its writes surviving a power cut."""
+        synced = []
+        real = private.os.fsync
+
+        def fsync(fd):
+            synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+            real(fd)
+
+        self.patch(private.os, "fsync", fsync)
+        d = Path(self.mktemp())
+        d.mkdir()
+        private.write(d / "x", b"data")
+        self.assertEqual(synced, [False, True])
+        self.assertEqual(stat.S_IMODE(os.stat(d / "x").st_mode), 0o600)

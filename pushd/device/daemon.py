@@ -16,6 +16,7 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 from pushd import wire
+from pushd.throttle import LogThrottle
 from pushd.device import amp as cmds
 from pushd.device.courier import ICourierListener
 from pushd.device.held import HeldQueue
@@ -45,7 +46,9 @@ class DeviceDaemon:
         # Topics registered before owners were kept: only the daemon's own user could reach
         # its 0600 socket then, so they are that user's.
         self.default_uid = os.geteuid() if default_uid is None else default_uid
-        self.quiet = LogBudget(clock)
+        # Any local user can cause these: at most a line a second of each.
+        self.refusals = LogThrottle(clock, _log_refused)
+        self.takeovers = LogThrottle(clock, _log_takeover)
         self.environment = environment
         self.clock = clock
         self.factory = None  # the CourierClientFactory, set by the service
@@ -62,6 +65,12 @@ class DeviceDaemon:
         self.received = 0
         self.duplicates = 0
         self._filter_sent = None
+
+    def close(self):
+        """Log the refusals still counted, leave no timer, close the queue."""
+        self.refusals.stop()
+        self.takeovers.stop()
+        self.held.close()
 
     def _topics(self):
         return {wire.topic_hash(t): t for t in self.identity.apps}
@@ -173,11 +182,8 @@ class DeviceDaemon:
         owner = self.owner(topic)
         if uid is not None and owner in (None, uid):
             return uid
-        skipped = self.quiet("refused")
-        if skipped is not None:
-            self.log.warn("refused to {action} {topic} for {process} (uid {uid}): it belongs to uid {owner}{more}",
-                          action=action, topic=topic, process=getattr(app, "process", None), uid=uid,
-                          owner=owner, skipped=skipped, more=_more(skipped, "refusals"))
+        self.refusals.note("refused", action=action, topic=topic, process=getattr(app, "process", None),
+                           uid=uid, owner=owner)
         if uid is None:
             raise cmds.TopicOwned("the daemon cannot tell which user is asking (no SO_PEERCRED)")
         raise cmds.TopicOwned(f"{topic} is registered by another user (uid {owner}) on this device")
@@ -196,12 +202,8 @@ class DeviceDaemon:
             self.identity.save()
         old = self.apps.get(topic)
         if old is not None and old is not app:
-            skipped = self.quiet("takeover")
-            if skipped is not None:
-                self.log.info("{topic} taken over by {process} from {old} (both uid {uid}){more}",
-                              topic=topic, uid=uid, process=getattr(app, "process", None),
-                              old=getattr(old, "process", None), skipped=skipped,
-                              more=_more(skipped, "takeovers"))
+            self.takeovers.note("takeover", topic=topic, uid=uid, process=getattr(app, "process", None),
+                                old=getattr(old, "process", None))
             old.transport.loseConnection()
         self.apps[topic] = app
         app.topics.add(topic)
@@ -295,28 +297,18 @@ class DeviceDaemon:
         }
 
 
-class LogBudget:
-    """At most one log line a second per kind of event; those in between are counted into the next."""
-
-    def __init__(self, clock, interval=1.0):
-        self.clock = clock
-        self.interval = interval
-        self._last: dict = {}
-        self._skipped: dict = {}
-
-    def __call__(self, kind: str):
-        """How many were skipped since the last line, if one may be logged now; else None."""
-        now = self.clock.seconds()
-        last = self._last.get(kind)
-        if last is not None and now - last < self.interval:
-            self._skipped[kind] = self._skipped.get(kind, 0) + 1
-            return None
-        self._last[kind] = now
-        return self._skipped.pop(kind, 0)
+def _more(total: int, what: str) -> str:
+    return f" ({total} {what} since the last line, the last shown)" if total > 1 else ""
 
 
-def _more(skipped: int, what: str) -> str:
-    return f" ({skipped} more {what} not logged)" if skipped else ""
+def _log_refused(counts, total, sample):
+    DeviceDaemon.log.warn("refused to {action} {topic} for {process} (uid {uid}): it belongs to uid {owner}{more}",
+                          total=total, more=_more(total, "refusals"), **sample)
+
+
+def _log_takeover(counts, total, sample):
+    DeviceDaemon.log.info("{topic} taken over by {process} from {old} (both uid {uid}){more}",
+                          total=total, more=_more(total, "takeovers"), **sample)
 
 
 def peer_credentials(transport):

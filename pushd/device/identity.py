@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import secrets
 import ssl
 import time
@@ -25,10 +24,13 @@ from pushd import private, tls
 
 
 class EnrolError(Exception):
-    def __init__(self, message, status=None):
+    def __init__(self, message, status=None, reason=None, server_time=None):
         super().__init__(message)
         #: The gateway's HTTP status when it refused, else None (unreachable, bad answer).
         self.status = status
+        self.reason = reason
+        #: The gateway's clock (UNIX ms) when it refused a request as stale, else None.
+        self.server_time = server_time
 
 
 @dataclass
@@ -141,11 +143,15 @@ def _post(url: str, body: bytes, ctx, timeout: float, what: str) -> dict:
         with urllib.request.urlopen(req, context=ctx, timeout=timeout) as resp:
             return json.loads(resp.read(256 * 1024))
     except urllib.error.HTTPError as e:
+        server_time = None
         try:
-            reason = json.loads(e.read(4096)).get("reason")
+            answer = json.loads(e.read(4096))
+            reason = answer.get("reason")
+            if isinstance(answer.get("server_time"), int) and not isinstance(answer["server_time"], bool):
+                server_time = answer["server_time"]
         except (ValueError, AttributeError):
             reason = e.reason
-        raise EnrolError(f"gateway refused {what}: {e.code} {reason}", e.code)
+        raise EnrolError(f"gateway refused {what}: {e.code} {reason}", e.code, reason, server_time)
     except (urllib.error.URLError, OSError) as e:
         raise EnrolError(f"cannot reach the gateway at {url}: {getattr(e, 'reason', e)}")
     except ValueError:
@@ -160,21 +166,6 @@ def _post(url: str, body: bytes, ctx, timeout: float, what: str) -> dict:
 # and drops it otherwise: the old identity is never lost half-way.
 
 RENEWAL = "renewal.pem"
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _same_key(key, cert) -> bool:
@@ -196,21 +187,26 @@ def finish_renewal(state_dir: Path):
     except (OSError, ValueError, tls.AuthError):
         pending.unlink()
         return None
-    _write_durable(state_dir / "device.key", tls.key_pem(key))
-    _write_durable(state_dir / "device.pem", tls.cert_pem(cert))
+    private.write(state_dir / "device.key", tls.key_pem(key))
+    private.write(state_dir / "device.pem", tls.cert_pem(cert))
     pending.unlink()
     return cert
 
 
-def renew(url: str, ident: Identity, timeout: float = 30.0, key_type: str | None = None):
+def new_key_like(ident: Identity):
+    """A new key of the kind the device has now."""
+    return tls.new_key("rsa" if not hasattr(ident.key, "curve") else "ec")
+
+
+def renew(url: str, ident: Identity, timeout: float = 30.0, key=None, when: int | None = None):
     """
-    A new key and certificate for the same device id, authenticated by the current one (its key
-    signs the request). Blocking (run in a thread). The gateway's TLS is verified against the CA
-    this time. Fires with (key, cert), already on disk.
+    A certificate for ``key`` (a new one if None) with the same device id, authenticated by the
+    current one (its key signs the request). ``when`` stamps the request: the gateway's time as
+    the device knows it (Renewer), else this machine's. Blocking (run in a thread). The
+    gateway's TLS is verified against the CA this time. Fires with (key, cert), already on disk.
     """
-    if key_type is None:
-        key_type = "rsa" if not hasattr(ident.key, "curve") else "ec"
-    key = tls.new_key(key_type)
+    if key is None:
+        key = new_key_like(ident)
     csr_pem = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pushd device")]))
@@ -218,7 +214,8 @@ def renew(url: str, ident: Identity, timeout: float = 30.0, key_type: str | None
         .public_bytes(serialization.Encoding.PEM)
     )
     old_pem = tls.cert_pem(ident.cert)
-    nonce, when = secrets.token_hex(16), int(time.time())
+    nonce = secrets.token_hex(16)
+    when = int(time.time()) if when is None else int(when)
     signature = tls.sign_renewal(ident.key, tls.renewal_input(csr_pem, old_pem, nonce, when))
     body = json.dumps({
         "csr": csr_pem.decode("ascii"), "certificate": old_pem.decode("ascii"),
@@ -234,6 +231,6 @@ def renew(url: str, ident: Identity, timeout: float = 30.0, key_type: str | None
     if tls.device_id_of(cert) != ident.device_id or not _same_key(key, cert):
         raise EnrolError("gateway's renewal answer is not a certificate of this device and key")
     state = ident.state_dir
-    _write_durable(state / RENEWAL, tls.key_pem(key) + tls.cert_pem(cert))
+    private.write(state / RENEWAL, tls.key_pem(key) + tls.cert_pem(cert))
     finish_renewal(state)
     return key, cert

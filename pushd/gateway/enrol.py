@@ -15,20 +15,25 @@ keeps the device id, so its tokens stay the same.
 from __future__ import annotations
 
 import hmac
-import sqlite3
 import json
 import re
 import secrets
+import sqlite3
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
 from pushd import tls
+from pushd.admission import address_key
+from pushd.gateway.registry import Refusal
+from pushd.gateway.replay import MemoryReplayCache, nonce_key
+from pushd.store.interfaces import ReplayCacheFull
+from pushd.throttle import LogThrottle
 
 MAX_CSR = 16 * 1024
 MAX_SIGNATURE = 1024  # bytes: an RSA-4096 signature is 512
@@ -116,98 +121,158 @@ def rotate_secret(state_dir: Path, grace: float, now: float) -> bytes:
     return new
 
 
-class SeenNonces:
-    """
-    Nonces of accepted requests, each kept until its request's time has left the window (at most
-    2 x window after it arrived). Only requests that passed their MAC or signature get here, so
-    filling it takes the secret; when full, requests are refused rather than a nonce forgotten.
-    """
+# --- refusals: domain errors, named like APNs reasons (the HTTP layer, rules.py, gives statuses) ---
 
-    def __init__(self, window: float, max_entries: int, clock):
-        self.window = window
-        self.max_entries = max_entries
-        self.clock = clock
-        self._seen: OrderedDict = OrderedDict()  # nonce -> forget at; in arrival order
 
-    def add(self, nonce: str) -> str | None:
-        """None if new (now remembered); else "replay" or "full"."""
-        now = self.clock.seconds()
-        seen = self._seen
-        while seen:
-            first = next(iter(seen))
-            if seen[first] > now:
-                break
-            del seen[first]
-        if nonce in seen:
-            return "replay"
-        if len(seen) >= self.max_entries:
-            return "full"
-        seen[nonce] = now + 2 * self.window
+class Refused(Exception):
+    """An enrolment or renewal refused; ``reason`` is the class name, ``detail`` says more."""
+
+    def __init__(self, detail: str | None = None, **extra):
+        self.detail = detail
+        self.extra = extra  # more JSON fields for the answer
+        super().__init__(self.text)
+
+    @property
+    def reason(self) -> str:
+        return type(self).__name__
+
+    @property
+    def text(self) -> str:
+        return self.reason if self.detail is None else f"{self.reason}: {self.detail}"
+
+
+class BadRequest(Refused):
+    """A field missing, of the wrong type or too long."""
+
+
+class BadCSR(Refused):
+    pass
+
+
+class BadKey(Refused):
+    """The key is below the key policy (tls.check_device_key)."""
+
+
+class RequestTooLarge(Refused):
+    pass
+
+
+class TooManyRequests(Refused):
+    """The enrolment rate of this source address (admission.address_key) is used up."""
+
+
+class BadEnrolmentSecret(Refused):
+    pass
+
+
+class StaleRequest(Refused):
+    """The request's time is outside the window; ``server_time`` (ms) lets the device retry on our clock."""
+
+
+class ReplayedRequest(Refused):
+    pass
+
+
+class TooManyEnrolments(Refused):
+    """The nonce memory is full: refusing is safe, forgetting a live nonce is not."""
+
+
+class KeyAlreadyEnrolled(Refused):
+    pass
+
+
+class BadCertificate(Refused):
+    pass
+
+
+class CertificateExpired(Refused):
+    pass
+
+
+class BadSignature(Refused):
+    pass
+
+
+class DeviceRevoked(Refused):
+    pass
+
+
+class UnknownCertificate(Refused):
+    pass
+
+
+class CertificateReplaced(Refused):
+    """A renewal already replaced this certificate: its key may renew no more (it may have leaked)."""
+
+
+class RegistryUnavailable(Refused):
+    pass
+
+
+#: What a registry refusal means for a renewal.
+_REGISTRY_REFUSALS = {
+    Refusal.REVOKED: DeviceRevoked,
+    Refusal.RETIRED: CertificateReplaced,
+    Refusal.UNAVAILABLE: RegistryUnavailable,
+}
+
+_ADDRESS = re.compile(r"(IPv[46])Address\(type='(\w+)', host='([^']*)', port=(\d+)")
+
+
+def _address(peer):
+    """``peer`` as an IAddress: the HTTP layers pass its str()."""
+    if isinstance(peer, (IPv4Address, IPv6Address)):
+        return peer
+    m = _ADDRESS.match(str(peer))
+    if m is None:
         return None
-
-    def __len__(self):
-        return len(self._seen)
-
-
-class _Throttled:
-    """A warning at most once a second, with how many were not logged: hostile input is normal."""
-
-    def __init__(self, log, clock):
-        self.log = log
-        self.clock = clock
-        self._last = None
-        self._skipped = 0
-
-    def warn(self, fmt, **kw):
-        now = self.clock.seconds()
-        if self._last is not None and now - self._last < 1.0:
-            self._skipped += 1
-            return
-        self._last = now
-        self.log.warn(fmt + " ({skipped} similar not logged)", skipped=self._skipped, **kw)
-        self._skipped = 0
+    kind = IPv4Address if m.group(1) == "IPv4" else IPv6Address
+    return kind(m.group(2), m.group(3), int(m.group(4)))
 
 
-class BadRequest(Exception):
-    def __init__(self, status, reason):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+def _source(peer, ipv6_prefix: int):
+    """(rate-limit key, host for the log): an IPv6 address counts by its prefix, as admission does."""
+    addr = _address(peer)
+    if addr is None:
+        return str(peer), str(peer)
+    key = address_key(addr, ipv6_prefix)
+    return (str(peer) if key is None else key), addr.host
 
 
-def _host(peer) -> str:
-    """The address of ``peer`` (an IAddress or its str()), without the port: the rate-limit key."""
-    host = getattr(peer, "host", None)
-    if host is not None:
-        return host
-    m = re.search(r"host='([^']*)'", str(peer))
-    return m.group(1) if m else str(peer)
+def _log_refusals(counts, total, sample):
+    Enrolment.log.warn("refused {total} enrolment requests since the last line: {counts}"
+                       " (last from {peer}: {why})",
+                       total=total, counts=counts, peer=sample.get("peer"), why=sample.get("why"))
 
 
 def _text(body, name, limit, pattern=None) -> str:
     value = body.get(name)
     if not isinstance(value, str) or not value or len(value) > limit or not value.isascii():
-        raise BadRequest(400, f"BadRequest: {name} must be an ASCII string of at most {limit} characters")
+        raise BadRequest(f"{name} must be an ASCII string of at most {limit} characters")
     if pattern is not None and not re.fullmatch(pattern, value):
-        raise BadRequest(400, f"BadRequest: {name} must match {pattern}")
+        raise BadRequest(f"{name} must match {pattern}")
     return value
 
 
 def _int(body, name) -> int:
     value = body.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**40:
-        raise BadRequest(400, f"BadRequest: {name} must be an integer (UNIX seconds)")
+        raise BadRequest(f"{name} must be an integer (UNIX seconds)")
     return value
 
 
 class Enrolment:
-    """``POST /pushd/v1/enrol``, whatever HTTP version carries it (the provider Root routes here)."""
+    """
+    ``POST /pushd/v1/enrol``, whatever HTTP version carries it: ``answer`` gives the JSON
+    body of a success or raises a Refused (the provider's rules.py turns either into a response).
+    """
 
     log = Logger()
 
     def __init__(self, pki, secrets=None, registry=None, clock=None, rate_limit=None,
                  window: float = 300.0, max_nonces: int = 100_000,
-                 cert_days: float = tls.DEVICE_CERT_DAYS, overlap: float = 7 * 86400.0):
+                 cert_days: float = tls.DEVICE_CERT_DAYS, overlap: float = 7 * 86400.0,
+                 ipv6_prefix: int = 64):
         if clock is None:
             from twisted.internet import reactor as clock
         self.pki = pki
@@ -216,39 +281,42 @@ class Enrolment:
         self.clock = clock
         self.rate_limit = rate_limit
         self.window = window
-        self.nonces = SeenNonces(window, max_nonces, clock)
+        #: Nonces of accepted requests until their time leaves the window. Only requests that
+        #: passed their MAC or signature get here, so filling it takes the secret or a device key.
+        self.nonces = MemoryReplayCache(max_nonces, clock)
         self.cert_days = cert_days
         self.overlap = overlap
-        self._refusals = _Throttled(self.log, clock)
+        self.ipv6_prefix = ipv6_prefix
+        self.refusals = LogThrottle(clock, _log_refusals)
         self.enrolled = 0
         self.renewed = 0
         self.refused = 0
 
-    def answer(self, raw: bytes, overflow: bool, peer) -> tuple:
-        """The status and JSON body for one enrolment or renewal request, whatever HTTP carried it."""
-        host = _host(peer)
+    def answer(self, raw: bytes, overflow: bool, peer) -> dict:
+        """The JSON answer to one enrolment or renewal request; raises Refused."""
+        key, host = _source(peer, self.ipv6_prefix)
         try:
-            if self.rate_limit is not None and not self.rate_limit.allow(host):
-                raise BadRequest(429, "TooManyRequests")
-            if overflow or len(raw) > MAX_BODY:
-                raise BadRequest(413, "RequestTooLarge")
             try:
-                body = json.loads(raw)
-            except ValueError:  # UnicodeDecodeError is one
-                raise BadRequest(400, "BadRequest: the body is not JSON")
-            if not isinstance(body, dict):
-                raise BadRequest(400, "BadRequest: the body is not a JSON object")
-            if "certificate" in body:
-                return self._renew(body, host)
-            return self._enrol(body, host)
-        except sqlite3.Error as e:
-            self.log.error("device registry unavailable: {why}", why=str(e))
-            return _error(503, "RegistryUnavailable")
-        except BadRequest as e:
+                if self.rate_limit is not None and not self.rate_limit.allow(key):
+                    raise TooManyRequests()
+                if overflow or len(raw) > MAX_BODY:
+                    raise RequestTooLarge()
+                try:
+                    body = json.loads(raw)
+                except ValueError:  # UnicodeDecodeError is one
+                    raise BadRequest("the body is not JSON")
+                if not isinstance(body, dict):
+                    raise BadRequest("the body is not a JSON object")
+                if "certificate" in body:
+                    return self._renew(body, host)
+                return self._enrol(body, host)
+            except sqlite3.Error as e:
+                self.log.error("device registry unavailable: {why}", why=str(e))
+                raise RegistryUnavailable()
+        except Refused as e:
             self.refused += 1
-            self._refusals.warn("enrolment from {peer} refused: {status} {reason}",
-                                peer=host, status=e.status, reason=e.reason)
-            return _error(e.status, e.reason)
+            self.refusals.note(e.reason, peer=host, why=e.text)
+            raise
 
     # --- the two kinds of request ---------------------------------------------------
 
@@ -261,23 +329,23 @@ class Enrolment:
         signed = tls.enrol_request_parts(csr_pem, nonce, when)
         secret = next((s for s in accepted if hmac.compare_digest(tls.enrol_mac(s, *signed), mac)), None)
         if secret is None:
-            raise BadRequest(403, "BadEnrolmentSecret")
+            raise BadEnrolmentSecret()
         self._fresh(nonce, when)
         public = self._csr_key(csr_pem)
         if self.registry is not None and self.registry.key_known(tls.key_fingerprint(public)):
-            raise BadRequest(409, "KeyAlreadyEnrolled")
+            raise KeyAlreadyEnrolled()
         cert = self._issue(public, None, f"enrol from {host} nonce {nonce[:8]}")
         self.enrolled += 1
         self.log.info("enrolled device {device} (serial {serial:x}) from {peer}",
                       device=tls.device_id_of(cert), serial=cert.serial_number, peer=host)
         cert_pem = tls.cert_pem(cert)
         ca_pem = tls.cert_pem(self.pki.ca_cert)
-        return 200, json.dumps({
+        return {
             "device_id": tls.device_id_of(cert),
             "certificate": cert_pem.decode("ascii"),
             "ca": ca_pem.decode("ascii"),
             "mac": tls.enrol_mac(secret, cert_pem, ca_pem),
-        }).encode()
+        }
 
     def _renew(self, body, host):
         csr_pem = _text(body, "csr", MAX_CSR).encode("ascii")
@@ -290,26 +358,33 @@ class Enrolment:
             old.verify_directly_issued_by(self.pki.ca_cert)
             device_id = tls.device_id_of(old)
         except (ValueError, TypeError, InvalidSignature, tls.AuthError):
-            raise BadRequest(403, "BadCertificate")
+            raise BadCertificate()
         now = self.clock.seconds()
         if not old.not_valid_before_utc.timestamp() <= now <= old.not_valid_after_utc.timestamp():
-            raise BadRequest(403, "CertificateExpired")
+            raise CertificateExpired()
         old_der = old.public_bytes(serialization.Encoding.DER)
         if self.registry is not None:
             why = self.registry.check(old_der, device_id, now)
             if why is not None:
-                raise BadRequest(403, "DeviceRevoked" if "revoked" in why else "UnknownCertificate")
+                raise _REGISTRY_REFUSALS.get(why, UnknownCertificate)()
         try:
             valid = tls.verify_renewal(old.public_key(), signature, tls.renewal_input(csr_pem, old_pem, nonce, when))
         except ValueError:
             valid = False
         if not valid:
-            raise BadRequest(403, "BadSignature")
+            raise BadSignature()
         self._fresh(nonce, when)
         public = self._csr_key(csr_pem)
         fp = tls.key_fingerprint(public)
-        if self.registry is not None and fp != tls.key_fingerprint(old.public_key()) and self.registry.key_known(fp):
-            raise BadRequest(409, "KeyAlreadyEnrolled")
+        if self.registry is not None and self.registry.retired(old_der):
+            # Replaced by a renewal, so still accepted for Connect during the overlap, but its key
+            # renews no more: a leaked old key would mint fresh certificates. Only a device that
+            # lost our answer asks again, with the successor's key (it keeps it for its retries):
+            # that key is proven by the CSR's signature, so a new certificate for it gives nothing away.
+            if not self.registry.current_key(device_id, fp):
+                raise CertificateReplaced()
+        elif self.registry is not None and fp != tls.key_fingerprint(old.public_key()) and self.registry.key_known(fp):
+            raise KeyAlreadyEnrolled()
         cert = self._issue(public, device_id, f"renewal of {old.serial_number:x}")
         if self.registry is not None:
             # Kept a while, not cut off: the device may not have got this answer.
@@ -317,22 +392,28 @@ class Enrolment:
         self.renewed += 1
         self.log.info("renewed device {device}'s certificate: serial {old:x} -> {new:x}",
                       device=device_id, old=old.serial_number, new=cert.serial_number)
-        return 200, json.dumps({
+        return {
             "device_id": device_id,
             "certificate": tls.cert_pem(cert).decode("ascii"),
             "ca": tls.cert_pem(self.pki.ca_cert).decode("ascii"),
-        }).encode()
+        }
 
     # --- shared steps ---------------------------------------------------------------
 
     def _fresh(self, nonce, when):
-        if abs(when - self.clock.seconds()) > self.window:
-            raise BadRequest(403, "StaleRequest")
-        seen = self.nonces.add(nonce)
-        if seen == "replay":
-            raise BadRequest(409, "ReplayedRequest")
-        if seen == "full":
-            raise BadRequest(503, "TooManyEnrolments")
+        now = self.clock.seconds()
+        if abs(when - now) > self.window:
+            # Our time, so that a device with a skewed clock can stamp its next try right.
+            raise StaleRequest(server_time=int(now * 1000))
+        # Remembered while its time is inside the window: until then it would be accepted.
+        seen = []
+        self.nonces.seen(nonce_key("enrol", nonce.encode("ascii")), when + self.window).addBoth(seen.append)
+        (result,) = seen  # a MemoryReplayCache answers at once
+        if result is True:
+            raise ReplayedRequest()
+        if result is not False:
+            result.trap(ReplayCacheFull)
+            raise TooManyEnrolments()
 
     @staticmethod
     def _csr_key(csr_pem):
@@ -342,11 +423,11 @@ class Enrolment:
                 raise ValueError("CSR signature invalid")
             public = csr.public_key()
         except (ValueError, TypeError) as e:
-            raise BadRequest(400, f"BadCSR: {e}")
+            raise BadCSR(str(e))
         try:
             tls.check_device_key(public)
         except tls.KeyPolicyError as e:
-            raise BadRequest(400, f"BadKey: {e}")
+            raise BadKey(str(e))
         return public
 
     def _issue(self, public, device_id, via):
@@ -357,9 +438,5 @@ class Enrolment:
                 self.registry.record_cert(cert, via, issued_at=self.clock.seconds())
             except sqlite3.Error as e:
                 self.log.error("device registry unwritable: {why}", why=str(e))
-                raise BadRequest(503, "RegistryUnavailable")
+                raise RegistryUnavailable()
         return cert
-
-
-def _error(status, reason):
-    return status, json.dumps({"reason": reason}).encode()

@@ -9,6 +9,7 @@ every Connect (one indexed lookup) and holds the revoked devices in memory for t
 
 from __future__ import annotations
 
+import enum
 import os
 import sqlite3
 from pathlib import Path
@@ -38,6 +39,16 @@ CREATE INDEX IF NOT EXISTS certs_device ON certs(device_id);
 CREATE INDEX IF NOT EXISTS certs_key ON certs(key_fingerprint);
 CREATE TABLE IF NOT EXISTS revoked (device_id TEXT PRIMARY KEY, at REAL NOT NULL);
 """
+
+
+class Refusal(enum.StrEnum):
+    """Why ``check`` refuses a certificate; its value is the text for the log."""
+
+    REVOKED = "device revoked"
+    UNKNOWN = "certificate not in the device registry (enrol again, or --legacy-certs)"
+    OTHER_DEVICE = "certificate registered for another device"
+    RETIRED = "certificate replaced by a renewal"
+    UNAVAILABLE = "device registry unavailable"
 
 
 class RegistryError(Exception):
@@ -114,9 +125,9 @@ class DeviceRegistry:
     # --- reads -----------------------------------------------------------------
 
     def check(self, cert_der: bytes, device_id: str, now: float):
-        """None if this certificate may Connect, else why not."""
+        """None if this certificate may Connect, else why not (a Refusal)."""
         if device_id in self._revoked:
-            return "device revoked"
+            return Refusal.REVOKED
         fp = tls.cert_fingerprint(cert_der)
         try:
             row = self.db.execute(
@@ -124,18 +135,32 @@ class DeviceRegistry:
             ).fetchone()
             if row is None:
                 if not self.legacy:
-                    return "certificate not in the device registry (enrol again, or --legacy-certs)"
+                    return Refusal.UNKNOWN
                 self.record_cert(x509.load_der_x509_certificate(cert_der), "legacy: first Connect")
                 self.log.info("legacy certificate of device {device} recorded in the registry", device=device_id)
                 return None
         except sqlite3.Error as e:
             self.log.error("device registry unreadable: {why}", why=str(e))
-            return "device registry unavailable"
+            return Refusal.UNAVAILABLE
         if row[0] != device_id:
-            return "certificate registered for another device"
+            return Refusal.OTHER_DEVICE
         if row[1] is not None and now > row[1]:
-            return "certificate replaced by a renewal"
+            return Refusal.RETIRED
         return None
+
+    def retired(self, cert_der: bytes) -> bool:
+        """True if a renewal replaced this certificate (it may still Connect during the overlap)."""
+        row = self.db.execute(
+            "SELECT retired_until FROM certs WHERE fingerprint = ?", (tls.cert_fingerprint(cert_der),)
+        ).fetchone()
+        return row is not None and row[0] is not None
+
+    def current_key(self, device_id, key_fingerprint) -> bool:
+        """True if this key is the key of one of the device's certificates no renewal replaced."""
+        return self.db.execute(
+            "SELECT 1 FROM certs WHERE device_id = ? AND key_fingerprint = ? AND retired_until IS NULL LIMIT 1",
+            (device_id, key_fingerprint),
+        ).fetchone() is not None
 
     def revoked_at(self, device_id):
         return self._revoked.get(device_id)

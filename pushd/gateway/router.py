@@ -28,6 +28,14 @@ class Rejected(Exception):
         self.extra = extra
 
 
+class Unregistered(Exception):
+    """The device is revoked, since ``since`` (UNIX seconds): the HTTP layer answers APNs' 410 Unregistered."""
+
+    def __init__(self, since: float):
+        super().__init__(f"unregistered since {since}")
+        self.since = since
+
+
 class ISession(Interface):
     """A device's live courier connection, as the router sees it."""
 
@@ -110,7 +118,7 @@ class Router:
         if self.registry is not None:
             revoked = self.registry.revoked_at(device_id)
             if revoked is not None:
-                return defer.fail(Rejected(410, "Unregistered", timestamp=int(revoked * 1000)))
+                return defer.fail(Unregistered(revoked))
         th = wire.topic_hash(topic)
         now = self.now()
         session = self.sessions.get(device_id)

@@ -198,6 +198,7 @@ def makeService(options, reactor=None):
         rate_limit=Buckets(options["enrol-rate"], options["enrol-burst"], reactor),
         window=options["enrol-window"], max_nonces=options["enrol-nonces"],
         cert_days=options["cert-days"], overlap=options["cert-overlap"],
+        ipv6_prefix=options["ipv6-prefix"],
     )
     hpackfast.configure(options["hpack-cache-bytes"])
     site = make_site(

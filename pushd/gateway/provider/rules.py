@@ -18,8 +18,9 @@ from typing import NamedTuple
 from twisted.logger import Logger
 
 from pushd import wire
+from pushd.gateway import enrol
 from pushd.gateway.enrol import MAX_BODY as ENROL_LIMIT
-from pushd.gateway.router import Rejected
+from pushd.gateway.router import Rejected, Unregistered
 
 PUSH_TYPES = {
     b"alert", b"background", b"voip", b"complication", b"fileprovider",
@@ -243,6 +244,8 @@ class DeviceAPI:
         return d.addCallbacks(lambda _: _answer(200, apns_id), self._failed, errbackArgs=(apns_id,))
 
     def _failed(self, failure, apns_id):
+        if failure.check(Unregistered):
+            return _answer(410, apns_id, "Unregistered", timestamp=int(failure.value.since * 1000))
         if failure.check(Rejected):
             e = failure.value
             return _answer(e.status, apns_id, e.reason, **e.extra)
@@ -255,6 +258,27 @@ class DeviceAPI:
         if type(t) is Refused:
             return t.answer
         return self.finish(t, payload, overflow)
+
+
+#: Enrolment's refusals as HTTP statuses (the reason in the body is the error's name).
+ENROL_STATUS = {
+    enrol.BadRequest: 400, enrol.BadCSR: 400, enrol.BadKey: 400,
+    enrol.RequestTooLarge: 413, enrol.TooManyRequests: 429,
+    enrol.BadEnrolmentSecret: 403, enrol.StaleRequest: 403, enrol.BadCertificate: 403,
+    enrol.CertificateExpired: 403, enrol.BadSignature: 403, enrol.DeviceRevoked: 403,
+    enrol.UnknownCertificate: 403, enrol.CertificateReplaced: 403,
+    enrol.ReplayedRequest: 409, enrol.KeyAlreadyEnrolled: 409,
+    enrol.TooManyEnrolments: 503, enrol.RegistryUnavailable: 503,
+}
+
+
+def enrol_answer(enrolment, body: bytes, overflow: bool, peer) -> Answer:
+    """An enrolment or renewal request's response."""
+    try:
+        out = enrolment.answer(body, overflow, peer)
+    except enrol.Refused as e:
+        return Answer(ENROL_STATUS.get(type(e), 400), [_JSON], json.dumps({"reason": e.text, **e.extra}).encode())
+    return Answer(200, [_JSON], json.dumps(out).encode())
 
 
 class ProviderAPI:
@@ -276,8 +300,7 @@ class ProviderAPI:
     def finish(self, t: Ticket, body: bytes, overflow: bool):
         if t.kind == "device":
             return self.device.finish(t, body, overflow)
-        status, out = self.enrol.answer(body, overflow, t.peer)
-        return Answer(status, [_JSON], out)
+        return enrol_answer(self.enrol, body, overflow, t.peer)
 
     @staticmethod
     def body_late(t: Ticket) -> Answer:
