@@ -114,7 +114,7 @@ class CourierService(service.Service):
     def stopService(self):
         super().stopService()
         signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
-        return self.factory.stop().addBoth(lambda _: self.daemon.held.close())
+        return self.factory.stop().addBoth(lambda _: self.daemon.close())  # logs the last throttled counts too
 
 
 def makeService(options, reactor=None):

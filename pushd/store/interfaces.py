@@ -127,6 +127,12 @@ class IDeviceRegistry(Interface):
     def retire(fingerprint, until):
         """A renewal replaced this certificate: accept it no later than ``until``."""
 
+    def retired(cert_der):
+        """True if a renewal replaced this certificate (it may still Connect, never renew)."""
+
+    def current_key(device_id, key_fingerprint):
+        """True if this key is that of one of the device's certificates no renewal replaced."""
+
     def revoke(device_id, when):
         """Revoke the device (all its certificates); True if it was not revoked before."""
 
