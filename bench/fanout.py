@@ -72,7 +72,8 @@ def run_pushd(creds, work, devices=10_000, messages=5, store="memory", log=print
     try:
         part = fleet.slices(list(range(devices)), nworkers)
         workers.call("prepare", lambda k: {"kind": "pushd", "indices": part[k], "ports": [gw.courier_port],
-                                           "ca_key": creds.ca_key_pem, "ca_cert": creds.ca_cert_pem})
+                                           "ca_key": creds.ca_key_pem, "ca_cert": creds.ca_cert_pem,
+                                           "registry": creds.registry})
         workers.call("connect", lambda k: {"concurrency": 64})
         fill(creds, gw, work, devices, messages)
         total = devices * messages

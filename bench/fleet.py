@@ -22,6 +22,8 @@ import ssl
 import struct
 import time
 
+from cryptography.hazmat.primitives import serialization
+
 from bench import common
 from pushd import tls, wire
 
@@ -292,8 +294,11 @@ class Fleet:
 
             ca_cert = x509.load_pem_x509_certificate(spec["ca_cert"])
             key = tls.new_key("ec")
-            for i in spec["indices"]:
-                self.identities[i] = (common.device_cert(ca_key, ca_cert, key.public_key(), i), key)
+            certs = [common.device_cert(ca_key, ca_cert, key.public_key(), i) for i in spec["indices"]]
+            if spec.get("registry") and certs:
+                common.register_devices(spec["registry"], certs)
+            for i, cert in zip(spec["indices"], certs):
+                self.identities[i] = (cert.public_bytes(serialization.Encoding.DER), key)
         self.ctx = ctx
 
     def _factory(self, i):

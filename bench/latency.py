@@ -85,7 +85,8 @@ def run_store(creds, work, store, devices=1000, duration=10.0, fractions=(0.1, 0
     try:
         part = fleet.slices(list(range(devices)), 2)
         workers.call("prepare", lambda k: {"kind": "pushd", "indices": part[k], "ports": [gw.courier_port],
-                                           "ca_key": creds.ca_key_pem, "ca_cert": creds.ca_cert_pem})
+                                           "ca_key": creds.ca_key_pem, "ca_cert": creds.ca_cert_pem,
+                                           "registry": creds.registry})
         workers.call("connect", lambda k: {"concurrency": 64, "filter": True})
         if rates:  # fixed rates instead of fractions of a measured maximum
             top = {"per_second": max(rates)}

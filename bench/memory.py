@@ -40,7 +40,7 @@ def run(creds, work, kind, steps=(10_000, 50_000, 100_000), settle=3.0, log=prin
     rows = []
     try:
         indices = list(range(top))
-        spec = {"kind": kind, "ports": _ports(kind, servers), "ca_key": creds.ca_key_pem,
+        spec = {"kind": kind, "ports": _ports(kind, servers), "ca_key": creds.ca_key_pem, "registry": creds.registry,
                 "ca_cert": creds.ca_cert_pem}
         time.sleep(1.0)
         before = common.rss_kib(pids)

@@ -52,7 +52,8 @@ def run(creds, work, kind, devices=50_000, queued=10_000, jitter=1.0, log=print)
     try:
         part = fleet.slices(list(range(devices)), nworkers)
         workers.call("prepare", lambda k: {"kind": kind, "indices": part[k], "ports": ports, "qos": 1,
-                                           "ca_key": creds.ca_key_pem, "ca_cert": creds.ca_cert_pem})
+                                           "ca_key": creds.ca_key_pem, "ca_cert": creds.ca_cert_pem,
+                                           "registry": creds.registry})
         t0 = time.monotonic()
         workers.call("connect", lambda k: {"concurrency": 64, "reconnect": True, "jitter": jitter})
         first_connect = time.monotonic() - t0
