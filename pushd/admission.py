@@ -16,6 +16,7 @@ import ipaddress
 from collections import OrderedDict
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
@@ -198,10 +199,27 @@ class AdmittedProtocol(ProtocolWrapper):
         self.wrappedProtocol = None
 
 
+class RefusedProtocol(Protocol):
+    """
+    A refused connection's protocol: aborts in makeConnection, before a byte is read or
+    written. Not None: a wrapper outside admission (``haproxy:`` endpoints wrap every
+    protocol in HAProxyProtocolWrapper) would wrap None and fail with a traceback per
+    refused connection.
+    """
+
+    def makeConnection(self, transport):
+        transport.abortConnection()
+
+
+#: Stateless: one for every refused connection.
+_REFUSED = RefusedProtocol()
+
+
 class AdmissionFactory(WrappingFactory):
     """
-    Wraps a listener's factory (outside its TLS): a refused connection gets no protocol,
-    so Twisted closes its socket at once, before a byte of TLS.
+    Wraps a listener's factory (outside its TLS): a refused connection is aborted at
+    once, before a byte of TLS. Behind ``haproxy:`` the address here is the proxy's (the
+    PROXY header comes later): every limit counts the proxy as one source.
     """
 
     protocol = AdmittedProtocol
@@ -218,11 +236,11 @@ class AdmissionFactory(WrappingFactory):
     def buildProtocol(self, addr):
         ticket = self.admission.admit(addr)
         if ticket is None:
-            return None
+            return _REFUSED
         inner = self.wrappedFactory.buildProtocol(addr)
         if inner is None:
             self.admission.release(ticket)
-            return None
+            return _REFUSED
         p = self.protocol(self, inner)
         p.ticket = ticket
         return p
