@@ -131,10 +131,8 @@ class CourierServerProtocol(Protocol):
         if self._closing:
             pass  # closed for a reason already logged; its TLS close did not finish in time
         elif self.device_id is None:
-            # Anyone can open connections and stay silent: counted, one line a second
-            # (a connection already closing for a logged reason is not counted again).
-            if not self._closing:
-                self.factory.preauth.note("no Connect within the connect deadline", peer=self.peer)
+            # Anyone can open connections and stay silent: counted, one line a second.
+            self.factory.preauth.note("no Connect within the connect deadline", peer=self.peer)
         else:
             self.log.info("closing silent connection {peer} (device {device})",
                           peer=self.peer, device=self.device_id)
