@@ -13,12 +13,13 @@ them, so the caps bound the role's file descriptors whatever accept() keeps brin
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
+from pushd.gateway.ratelimit import Buckets
 from pushd.throttle import LogThrottle  # noqa: F401  (re-exported: one throttle for every hostile-event log)
 
 log = Logger()
@@ -50,24 +51,14 @@ def address_key(addr, ipv6_prefix: int = 64):
     return None
 
 
-class _Source:
-    """One source address: its live connections and its token bucket."""
-
-    __slots__ = ("live", "tokens", "last")
-
-    def __init__(self, tokens, now):
-        self.live = 0
-        self.tokens = tokens
-        self.last = now
-
-
 class Admission:
     """
     The limits of one role (courier or provider), shared by all its listeners.
 
-    Sources with live connections are at most ``max_connections``; sources without any
-    are remembered (for their bucket) only until it is full again, and never more than
-    ``max_addresses`` of them (oldest first out), so the table is bounded either way.
+    Sources with live connections are at most ``max_connections``; their buckets
+    (pushd.gateway.ratelimit.Buckets) are remembered only until full again, and never more
+    than ``max_addresses`` of them (least recently used first out; a forgotten bucket
+    starts full), so both tables are bounded.
     """
 
     def __init__(
@@ -94,13 +85,14 @@ class Admission:
         self.listeners = 0  # listening ports using it (AdmissionFactory.doStart/doStop)
         #: Refused connections by reason (total, per-address, rate), for metrics.
         self.refused = {TOTAL: 0, PER_ADDRESS: 0, RATE: 0}
-        self._active: dict = {}  # key -> _Source with live connections
-        self._idle: OrderedDict = OrderedDict()  # key -> _Source, least recently seen first
+        self._active: dict = {}  # key -> its live connections (sources with some)
+        #: New connections per second from one source.
+        self.buckets = Buckets(rate, burst, clock, max_keys=max_addresses)
         self.refusals = LogThrottle(clock, self._log_refusals)
 
     def __len__(self):
         """Sources remembered."""
-        return len(self._active) + len(self._idle)
+        return len(self._active.keys() | self.buckets.keys())
 
     def admit(self, addr):
         """Return a ticket for a connection from ``addr``, or None to refuse it."""
@@ -111,28 +103,16 @@ class Admission:
             self.live += 1
             self.admitted += 1
             return _UNKEYED
-        now = self.clock.seconds()
-        source = self._active.get(key)
-        if source is None:
-            source = self._idle.pop(key, None)
-            if source is None:
-                source = _Source(self.burst, now)
-        if source.live >= self.max_per_address:
+        live = self._active.get(key, 0)
+        if live >= self.max_per_address:
             return self._refuse(PER_ADDRESS, addr)
-        tokens = min(self.burst, source.tokens + (now - source.last) * self.rate)
-        source.last = now
-        if tokens < 1.0:
-            source.tokens = tokens
-            if not source.live:
-                self._idle[key] = source  # remembered as the newest
-                self._prune(now)
+        allowed = self.buckets.allow(key)
+        self.buckets.forget_full()
+        if not allowed:
             return self._refuse(RATE, addr)
-        source.tokens = tokens - 1.0
-        source.live += 1
-        self._active[key] = source
+        self._active[key] = live + 1
         self.live += 1
         self.admitted += 1
-        self._prune(now)
         return key
 
     def release(self, key) -> None:
@@ -140,25 +120,13 @@ class Admission:
         self.live -= 1
         if key is _UNKEYED:
             return
-        source = self._active.get(key)
-        if source is None:
+        live = self._active.get(key)
+        if live is None:
             return
-        source.live -= 1
-        if not source.live:
+        if live > 1:
+            self._active[key] = live - 1
+        else:
             del self._active[key]
-            self._idle[key] = source
-            self._prune(self.clock.seconds())
-
-    def _prune(self, now) -> None:
-        idle = self._idle
-        # Full buckets carry no information: forget them (oldest first).
-        while idle:
-            key, source = next(iter(idle.items()))
-            if source.tokens + (now - source.last) * self.rate < self.burst:
-                break
-            del idle[key]
-        while len(idle) > self.max_addresses:
-            idle.popitem(last=False)
 
     def _refuse(self, reason, addr):
         self.refused[reason] += 1
@@ -198,10 +166,27 @@ class AdmittedProtocol(ProtocolWrapper):
         self.wrappedProtocol = None
 
 
+class RefusedProtocol(Protocol):
+    """
+    A refused connection's protocol: aborts in makeConnection, before a byte is read or
+    written. Not None: a wrapper outside admission (``haproxy:`` endpoints wrap every
+    protocol in HAProxyProtocolWrapper) would wrap None and fail with a traceback per
+    refused connection.
+    """
+
+    def makeConnection(self, transport):
+        transport.abortConnection()
+
+
+#: Stateless: one for every refused connection.
+_REFUSED = RefusedProtocol()
+
+
 class AdmissionFactory(WrappingFactory):
     """
-    Wraps a listener's factory (outside its TLS): a refused connection gets no protocol,
-    so Twisted closes its socket at once, before a byte of TLS.
+    Wraps a listener's factory (outside its TLS): a refused connection is aborted at
+    once, before a byte of TLS. Behind ``haproxy:`` the address here is the proxy's (the
+    PROXY header comes later): every limit counts the proxy as one source.
     """
 
     protocol = AdmittedProtocol
@@ -218,11 +203,11 @@ class AdmissionFactory(WrappingFactory):
     def buildProtocol(self, addr):
         ticket = self.admission.admit(addr)
         if ticket is None:
-            return None
+            return _REFUSED
         inner = self.wrappedFactory.buildProtocol(addr)
         if inner is None:
             self.admission.release(ticket)
-            return None
+            return _REFUSED
         p = self.protocol(self, inner)
         p.ticket = ticket
         return p

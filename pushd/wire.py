@@ -166,6 +166,12 @@ class FrameDecoder:
         self._buf = b""
 
     def feed(self, data: bytes) -> Iterator[Frame]:
+        """
+        The complete frames in what was buffered plus ``data``. The bytes not yet framed are
+        kept when the generator finishes or is closed: a consumer that stops early (to wait
+        for something) must ``close()`` it before feeding again, not rely on CPython
+        finalizing it when its last reference goes.
+        """
         buf = self._buf
         if buf:
             # A partial frame is kept in a bytearray and grown in place: ``bytes + bytes``

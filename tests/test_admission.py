@@ -1,13 +1,15 @@
 """Admission control: caps in total and per source, a rate per source, decided before any
 TLS work; refusals counted and logged at most once a second; the source table bounded."""
 
-from twisted.internet import protocol, task
+from twisted.internet import defer, protocol, task
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from pushd.admission import PER_ADDRESS, RATE, TOTAL, Admission, AdmissionFactory, address_key, fit_fd_limit
+from pushd.admission import (
+    PER_ADDRESS, RATE, TOTAL, Admission, AdmissionFactory, RefusedProtocol, address_key, fit_fd_limit,
+)
 
 
 def v4(host, port=40000):
@@ -48,10 +50,11 @@ class AdmissionTests(unittest.TestCase):
     def open(self, addr):
         """Accept a connection from ``addr``: its (wrapper, transport), or None if refused."""
         p = self.factory.buildProtocol(addr)
-        if p is None:
-            return None
         t = StringTransport(peerAddress=addr)
         p.makeConnection(t)
+        if isinstance(p, RefusedProtocol):
+            self.assertTrue(t.disconnected, "a refused connection is aborted at once")
+            return None
         return p, t
 
     def close(self, conn):
@@ -256,3 +259,38 @@ class GatewayWiringTests(unittest.TestCase):
         p = factories[2].admission
         self.assertEqual((c.name, c.max_connections, c.max_per_address, c.rate), ("courier", 900, 7, 3.0))
         self.assertEqual((p.name, p.max_connections, p.max_per_address), ("provider", 90, 5))
+
+
+class Recorder(protocol.Protocol):
+    def __init__(self):
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+class HAProxyListenerTests(unittest.TestCase):
+    """haproxy: endpoints wrap whatever admission builds: a refusal must be a protocol
+    (None gave an AttributeError traceback per refused connection, which stayed open)."""
+
+    timeout = 10
+
+    @defer.inlineCallbacks
+    def test_refused_connection_closed_without_a_traceback(self):
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        from pushd.endpoints import listener
+
+        adm = Admission("courier", reactor, max_connections=0, max_per_address=1, rate=1.0, burst=1.0)
+        svc = listener(reactor, "haproxy:tcp:0:interface=127.0.0.1", protocol.Factory.forProtocol(protocol.Protocol),
+                       None, admission=adm)
+        svc.startService()
+        port = yield svc._waitingForPort
+        self.addCleanup(port.stopListening)
+        client = Recorder()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
+        yield client.lost
+        self.assertEqual(adm.refused[TOTAL], 1)
+        # A traceback logged by the reactor would also fail this test (trial's logged errors).
+        self.assertEqual(self.flushLoggedErrors(), [])

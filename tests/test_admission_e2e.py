@@ -101,3 +101,34 @@ def deferLater(seconds):
     from twisted.internet import task
 
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+class UnauthenticatedCapTests(unittest.TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_pre_connect_connections_capped_connected_device_served(self):
+        """--max-unauthenticated over real TLS: beyond it a pre-Connect connection is closed
+        without a byte, and a connected device keeps its place and gets its pushes."""
+        cap, extra = 3, 2
+        s = Stack(self, "--max-unauthenticated", str(cap), "--connect-deadline", "60")
+        yield s.start_gateway()
+        yield s.start_device()
+        app = s.listen(1)
+        token = (yield app.wait_for(r"^token ([0-9a-f]{64})$")).group(1)
+
+        hello = client_hello()
+        conns = []
+        for _ in range(cap + extra):
+            p = Hello(hello)
+            c = protocol.ClientCreator(reactor, lambda p=p: p)
+            yield c.connectTCP("127.0.0.1", s.courier_port, bindAddress=(ATTACKER, 0))
+            conns.append(p)
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in conns if p.transport.connected])
+        results = yield defer.gatherResults([p.first for p in conns])
+        self.assertEqual(sorted(kind for kind, _ in results), ["closed"] * extra + ["data"] * cap, results)
+        self.assertEqual([r for kind, r in results if kind == "closed"], [b""] * extra)
+
+        out, err, code = yield s.send(token, {"aps": {"alert": "still here"}})
+        self.assertTrue(out.startswith(b"200 "), out + err)
+        yield app.wait_for(r'"alert": "still here"')

@@ -45,6 +45,20 @@ class Highest:
         return b
 
 
+class TLSStandIn(StringTransport):
+    """A transport that is TLS to the protocol (its handle a pyOpenSSL Connection); the
+    test calls handshakeCompleted, as Twisted does once the gateway's certificate verified."""
+
+    def __init__(self):
+        super().__init__()
+        from OpenSSL import SSL
+
+        self._handle = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+
+    def getHandle(self):
+        return self._handle
+
+
 def connect_ack(**kw):
     fields = dict(status=0, token=b"B" * 32, max_message_size=4096, unknown5=b"", capabilities=b"", server_time=1)
     fields.update(kw)
@@ -129,8 +143,9 @@ class FactoryTests(unittest.TestCase):
         self.reactor.advance(server + 520)
         self.factory.start()
         proto = self.factory.buildProtocol(None)
-        t = StringTransport()
+        t = TLSStandIn()
         proto.makeConnection(t)
+        proto.handshakeCompleted()
         first = frames_of(t.value())[0]
         with self.assertRaisesRegex(tls.AuthError, "stale nonce"):
             tls.verify_connect(CA_CERT, first.certificate, first.nonce, first.signature, server)
@@ -144,6 +159,27 @@ class FactoryTests(unittest.TestCase):
         second = frames_of(t.value())[0]
         device_id = tls.verify_connect(CA_CERT, second.certificate, second.nonce, second.signature, server + 1)
         self.assertEqual(device_id, self.dev.id)
+
+    def ack_time(self, transport, offset):
+        """A refusing ConnectAck carrying a time ``offset`` s from ours, over ``transport``."""
+        self.reactor.advance(1_800_000_000.0)
+        self.factory.start()
+        proto = self.factory.buildProtocol(None)
+        proto.makeConnection(transport)
+        if isinstance(transport, TLSStandIn):
+            proto.handshakeCompleted()
+        proto.dataReceived(connect_ack(status=2, server_time=int((self.reactor.seconds() + offset) * 1000)))
+        return self.factory.clock_offset
+
+    def test_gateway_time_over_plain_tcp_is_not_believed(self):
+        """Item 12: anyone on a plain tcp path could set the device's nonce clock."""
+        self.assertEqual(self.ack_time(StringTransport(), 3600), 0.0)
+
+    def test_gateway_time_beyond_a_day_is_not_believed(self):
+        self.assertEqual(self.ack_time(TLSStandIn(), 86400 * 3), 0.0)
+
+    def test_gateway_time_over_verified_tls_within_a_day_is_taken(self):
+        self.assertAlmostEqual(self.ack_time(TLSStandIn(), -3600), -3600, places=2)
 
     def test_tcp_connect_alone_does_not_reset(self):
         """A gateway that accepts TCP and then refuses Connect is still backed off from."""

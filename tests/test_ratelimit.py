@@ -25,3 +25,14 @@ class BucketTests(unittest.TestCase):
         self.b.allow("c")  # evicts the least recently used ("b")
         self.assertEqual(len(self.b._buckets), 2)
         self.assertNotIn("b", self.b._buckets)
+
+    def test_full_buckets_forgotten_oldest_first(self):
+        b = Buckets(rate=1, burst=2, clock=self.clock, max_keys=10)
+        b.allow("old")
+        self.clock.advance(1.5)
+        b.allow("new")
+        b.forget_full()
+        self.assertEqual(list(b.keys()), ["new"], "old is full again (lossless to forget), new is not")
+        self.clock.advance(1)
+        b.forget_full()
+        self.assertEqual(len(b), 0)

@@ -63,8 +63,10 @@ class MemoryReplayCacheTests(unittest.TestCase):
         for i in range(12):
             self.failureResultOf(self.cache.seen(b"x%d" % i, T0 + 300), ReplayCacheFull)
             self.clock.advance(0.25)  # 3 s in all
-        full = [e for e in events if "replay cache full" in e.get("log_format", "")]
-        self.assertEqual([e["n"] for e in full], [1, 4, 4], "one line a second, with the count")
+        self.cache.stop()  # logs what is pending
+        full = [e for e in events if "replay cache refused" in e.get("log_format", "")]
+        self.assertEqual([e["counts"] for e in full], [{"cache full": n} for n in (1, 3, 4, 4)],
+                         "one line a second, with the count, none lost")
         self.assertEqual(self.cache.refused_full, 12)
 
     def test_needs_room(self):

@@ -22,6 +22,10 @@ from pushd.device.keepalive import AdaptiveKeepalive
 
 PUSHD_VERSION = 1
 
+#: The largest clock offset a ConnectAck may set (s). A real skew is seconds to minutes
+#: (hours for a clock never set: a day covers a wrong time zone); beyond, not believed.
+MAX_CLOCK_OFFSET = 86400.0
+
 
 class ICourierListener(Interface):
     """What the device daemon hears from its courier connection."""
@@ -56,6 +60,9 @@ class CourierClientProtocol(protocol.Protocol):
         self._ka_call = None
         self._ka_timeout = None
         self._closing = False
+        #: The TLS handshake completed: the gateway's certificate verified against its CA
+        #: (client_options; otherwise the handshake fails). Only then is its time believed.
+        self._verified = False
 
     @property
     def listener(self):
@@ -73,6 +80,7 @@ class CourierClientProtocol(protocol.Protocol):
     def handshakeCompleted(self):
         if self._closing:
             return
+        self._verified = True
         try:
             exporter = tls.session_exporter(self.transport)
         except tls.NoExporter as e:
@@ -134,7 +142,7 @@ class CourierClientProtocol(protocol.Protocol):
     def handle_ConnectAck(self, msg):
         self._cancel_timeout()
         if msg.server_time:
-            self.factory.clock_offset = msg.server_time / 1000.0 - self.clock.seconds()
+            self._gateway_time(msg.server_time)
         if msg.status != wire.STATUS_OK or not (msg.token or self.factory.base_token):
             self.factory.refused += 1
             return self._fail(f"gateway refused Connect (status {msg.status})")
@@ -150,6 +158,19 @@ class CourierClientProtocol(protocol.Protocol):
         f.transportConnected()
         self._schedule_keepalive()
         self.listener.connected(self, f.base_token)
+
+    def _gateway_time(self, server_time):
+        """Stamp later nonces with the gateway's clock: only from a gateway whose
+        certificate verified (over plain tcp anyone on the path could set it), and
+        within MAX_CLOCK_OFFSET."""
+        if not self._verified:
+            return
+        offset = server_time / 1000.0 - self.clock.seconds()
+        if abs(offset) > MAX_CLOCK_OFFSET:
+            self.log.warn("ignoring the gateway's time: {offset} s off this device's clock"
+                          " (more than {max} s)", offset=round(offset), max=MAX_CLOCK_OFFSET)
+            return
+        self.factory.clock_offset = offset
 
     def handle_ScopedTokenAck(self, msg):
         if msg.status == wire.STATUS_OK and msg.scoped_token:

@@ -18,19 +18,24 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pushd import tls, wire
-from pushd.throttle import LogThrottle
+from pushd import wire
+from pushd.gateway.connect import ConnectRefused, ConnectVerifier, proof_of
 from pushd.gateway.deadlines import DeadlineWheel
 from pushd.gateway.heap import HeapTrimmer
-from pushd.gateway.replay import MemoryReplayCache, nonce_key
 from pushd.gateway.router import ISession
 from pushd.gateway.tokens import TokenError
-from pushd.store.interfaces import ReplayCacheFull, StoreUnavailable
+from pushd.store.interfaces import StoreUnavailable
+from pushd.throttle import LogThrottle
 
 #: Shared, read-only stand-ins for a connection's empty containers: most connections idle
 #: with nothing in flight, so the real dict/sets exist only while they hold something.
 _NO_INFLIGHT = MappingProxyType({})
 _NONE = frozenset()
+
+#: Seconds a closed connection may take to finish its TLS close (close_notify both ways)
+#: before it is aborted: a peer that never answers kept its fd until the silence deadline
+#: (180 s). As the provider's HTTP/2 ABORT_AFTER, but on the deadline wheel (no timer).
+ABORT_AFTER = 5.0
 
 
 @implementer(ISession, IPushProducer)
@@ -68,8 +73,9 @@ class CourierServerProtocol(Protocol):
         self._wheelslot = None
         #: Acked message ids read in this dataReceived, deleted together at its end.
         self._acked = None
-        #: While a Connect's nonce is being looked up in the replay cache: the bytes that
-        #: came meanwhile (reading is paused), handled once it is answered.
+        #: While a Connect is being verified (a remote replay cache answers later): the
+        #: bytes that came meanwhile (reading is paused), at most --connect-budget of them,
+        #: handled once it is answered.
         self._proving = None
 
     @property
@@ -87,6 +93,13 @@ class CourierServerProtocol(Protocol):
         self.decoder.max_frame = f.connect_budget
         self.transport.registerProducer(self, True)
         f.churned()
+        # Counted until Connect (or the end): pre-Connect connections cannot fill the
+        # total cap, so connected devices always find room (--max-unauthenticated).
+        f.unauthenticated += 1
+        if f.unauthenticated > f.max_unauthenticated:
+            self._closing = True
+            f.preauth.note("over --max-unauthenticated", peer=self.peer)
+            self.transport.abortConnection()
 
     def setTimeout(self, period):
         """Close the connection if it is silent for ``period`` seconds (None: never)."""
@@ -101,8 +114,12 @@ class CourierServerProtocol(Protocol):
     def connectionLost(self, reason):
         self.setTimeout(None)
         self._closing = True
+        self.connected = 0
+        self._proving = None
         self.factory.churned()
-        if self.device_id is not None:
+        if self.device_id is None:
+            self.factory.unauthenticated -= 1
+        else:
             self.factory.router.detach(self.device_id, self)
             self.log.info(
                 "device {device} disconnected ({inflight} unacked kept)",
@@ -111,11 +128,11 @@ class CourierServerProtocol(Protocol):
             )
 
     def timeoutConnection(self):
-        if self.device_id is None:
-            # Anyone can open connections and stay silent: counted, one line a second
-            # (a connection already closing for a logged reason is not counted again).
-            if not self._closing:
-                self.factory.preauth.note("no Connect within the connect deadline", peer=self.peer)
+        if self._closing:
+            pass  # closed for a reason already logged; its TLS close did not finish in time
+        elif self.device_id is None:
+            # Anyone can open connections and stay silent: counted, one line a second.
+            self.factory.preauth.note("no Connect within the connect deadline", peer=self.peer)
         else:
             self.log.info("closing silent connection {peer} (device {device})",
                           peer=self.peer, device=self.device_id)
@@ -140,10 +157,17 @@ class CourierServerProtocol(Protocol):
         self._close()
 
     def _close(self):
-        """Flush what was written (a refusing ConnectAck), then close.
-        TLS defers loseConnection while a producer is registered, so unregister first."""
+        """Flush what was written (a refusing ConnectAck), then close; abort if that has
+        not finished within ABORT_AFTER. TLS defers loseConnection while a producer is
+        registered, so unregister first; and its close reads the peer's close_notify, so
+        reading paused for a Connect being verified resumes."""
+        if self._proving is not None:
+            self._proving = None
+            self.transport.resumeProducing()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+        if self.connected:
+            self.setTimeout(ABORT_AFTER)
 
     def send(self, message: wire.Message):
         self.transport.write(message.encode())
@@ -153,18 +177,22 @@ class CourierServerProtocol(Protocol):
     def dataReceived(self, data):
         if self._closing:
             return
-        if self._proving is not None:
-            self._proving.append(data)
+        proving = self._proving
+        if proving is not None:
+            # Reading is paused, but a read already under way still arrives.
+            if len(proving) + len(data) > self.factory.connect_budget:
+                return self.fail("over --connect-budget bytes while its Connect was verified")
+            proving += data
             return
-        decoder = self.decoder
         if self.device_id is not None:
             # Moves the deadline only; the wheel looks at it when its old one is due.
             # Before Connect it is absolute: bytes trickled one at a time held connections
             # open for ever when each of them moved it.
             f = self.factory
             self._deadline = f.clock.seconds() + f.silence_timeout
+        frames = self.decoder.feed(data)
         try:
-            for frame in decoder.feed(data):
+            for frame in frames:
                 self.frameReceived(wire.parse(frame))
                 if self._closing or self._proving is not None:
                     break
@@ -172,6 +200,10 @@ class CourierServerProtocol(Protocol):
             if self.device_id is None:
                 e = f"{e} (before Connect)"  # its limit there: --connect-budget
             self.fail(str(e))
+        finally:
+            # Closed here, not when the last reference goes: its finally keeps the bytes
+            # not yet framed in the decoder before the held bytes are fed after them.
+            frames.close()
         if self._acked:
             self._delete_acked()
 
@@ -188,53 +220,29 @@ class CourierServerProtocol(Protocol):
     # --- handlers ----------------------------------------------------------------
 
     def connectReceived(self, msg: wire.Connect):
-        f = self.factory
-        exporter = None
-        try:
-            if msg.binding is not None:
-                if msg.binding != wire.BINDING_TLS_EXPORTER:
-                    raise tls.AuthError(f"unknown Connect binding {msg.binding}")
-                try:
-                    # Read here, after the handshake: the Connect is application data.
-                    exporter = tls.session_exporter(self.transport)
-                except tls.NoExporter as e:
-                    raise tls.AuthError(f"Connect bound to its TLS session, but {e}")
-            device_id = tls.verify_connect(
-                f.ca_cert, msg.certificate, msg.nonce, msg.signature, f.clock.seconds(), exporter
-            )
-        except tls.AuthError as e:
-            return self._refuse(str(e))
-        if f.registry is not None and not self._registered(msg.certificate, device_id):
-            return
-        if exporter is not None:
-            # Signed over this connection's exporter: on any other connection the same
-            # bytes fail the signature, and this one takes one Connect. Nothing to remember.
-            return self._accept(device_id, msg, "bound to its TLS session")
-        # Signed over the nonce alone (APNs-style): accepted once within the window.
-        d = f.replay_cache.seen(
-            nonce_key(device_id, msg.nonce), tls.nonce_time(msg.nonce) + tls.NONCE_WINDOW
-        )
-        if not d.called:  # a remote cache: hold what follows until it answers
-            self._proving = []
+        d = self.factory.verifier.verify(msg, self.transport)
+        if not d.called:  # a remote replay cache: hold what follows until it answers
+            self._proving = bytearray()
             self.transport.pauseProducing()
-        d.addBoth(self._nonceChecked, device_id, msg)
+        d.addCallbacks(self._verified, self._refused, (msg,))
 
-    def _nonceChecked(self, seen, device_id, msg):
+    def _verified(self, device_id, msg):
         held, self._proving = self._proving, None
         if self._closing:
             return
-        if isinstance(seen, Failure):
-            if seen.check(ReplayCacheFull):
-                self._refuse(f"{seen.getErrorMessage()}: nonce-only Connects refused until nonces expire")
-            else:
-                self._refuse(f"replay cache unavailable ({seen.getErrorMessage()})")
-        elif seen:
-            self._refuse(f"replayed Connect of device {device_id} (its nonce was accepted before)")
-        else:
-            self._accept(device_id, msg, "nonce only")
-        if held is not None and not self._closing:
+        self._accept(device_id, msg, proof_of(msg))
+        if held is not None:  # answered later: go on with what came meanwhile
             self.transport.resumeProducing()
-            self.dataReceived(b"".join(held))
+            self.dataReceived(bytes(held))
+
+    def _refused(self, failure):
+        if not failure.check(ConnectRefused):
+            self.log.failure("verifying a Connect failed", failure)
+            reason = "Connect verification failed"
+        else:
+            reason = failure.value.reason
+        if not self._closing:
+            self._refuse(reason)
 
     def _refuse(self, reason: str):
         f = self.factory
@@ -249,6 +257,7 @@ class CourierServerProtocol(Protocol):
     def _accept(self, device_id: str, msg: wire.Connect, proof: str):
         f = self.factory
         self.device_id = device_id
+        f.unauthenticated -= 1
         self.decoder.max_frame = wire.MAX_FRAME  # authenticated: the protocol's bound, not --connect-budget
         self.base_token = f.router.tokens.base_token(device_id)
         self.setTimeout(f.silence_timeout)
@@ -267,15 +276,6 @@ class CourierServerProtocol(Protocol):
         self.log.info("device {device} connected from {peer} (Connect {proof})",
                       device=device_id, peer=self.peer, proof=proof)
 
-    def _registered(self, cert_der, device_id) -> bool:
-        """Device lifecycle: only registered, unrevoked certificates connect."""
-        f = self.factory
-        why = f.registry.check(cert_der, device_id, f.clock.seconds())
-        if why is None:
-            return True
-        self._refuse(f"device {device_id}: {why}")
-        return False
-
     def handle_Filter(self, msg: wire.Filter):
         self.topics = frozenset(msg.enabled) | frozenset(msg.opportunistic)
         self.declined = _NONE
@@ -292,7 +292,7 @@ class CourierServerProtocol(Protocol):
                 self.send(wire.ScopedTokenAck(status=wire.STATUS_OK, scoped_token=token, topic=msg.topic))
 
         # Registering (again) makes the token valid, even if an earlier unregister invalidated it.
-        self.factory.router.store.revalidate(token).addErrback(
+        self.factory.router.revalidate(token).addErrback(
             lambda f: self.log.warn("revalidating a token failed: {why}", why=f.getErrorMessage())
         ).addCallback(answer)
 
@@ -304,7 +304,7 @@ class CourierServerProtocol(Protocol):
         if token != msg.token:
             return self.fail("Unregister names a token that is not this device's")
         self.log.info("device {device} unregistered a topic", device=self.device_id)
-        self.factory.router.store.invalidate(token, self.factory.clock.seconds()).addErrback(
+        self.factory.router.invalidate(token, self.factory.clock.seconds()).addErrback(
             lambda f: self.log.warn("invalidating a token failed: {why}", why=f.getErrorMessage())
         )
 
@@ -480,14 +480,17 @@ class CourierFactory(Factory):
         replay_cache=None,
         registry=None,
         connect_budget: int = 8192,
+        max_unauthenticated: int = 4096,
     ):
         from twisted.internet import reactor
 
         self.router = router
-        #: The device registry (IDeviceRegistry), or None: any certificate of the CA connects.
-        self.registry = registry
-        self.ca_cert = ca_cert
+        if registry is not None:
+            # The router checks certificates against its registry; given here as before.
+            router.registry = registry
         self.clock = clock or reactor
+        #: The Connect proof: certificate, signature, registry (through the router), replay cache.
+        self.verifier = ConnectVerifier(ca_cert, self.clock, router, replay_cache)
         self.keepalive_interval = keepalive_interval
         self.grace = grace
         #: Seconds from accept to a verified Connect (TLS handshake included), absolute.
@@ -496,6 +499,10 @@ class CourierFactory(Factory):
         #: (RSA-4096 certificate and signature); without it a trickled 32 KiB frame held
         #: ~86 KB a connection.
         self.connect_budget = min(connect_budget, wire.MAX_FRAME)
+        #: Connections not yet past Connect at most; beyond, closed at once. They cannot
+        #: fill --max-connections, so connected devices always find room.
+        self.max_unauthenticated = max_unauthenticated
+        self.unauthenticated = 0
         #: Closes of unauthenticated connections (deadline, budget, bad frames, refused
         #: Connects): counted by reason, logged at most once a second.
         self.preauth = LogThrottle(self.clock, _log_preauth)
@@ -506,11 +513,32 @@ class CourierFactory(Factory):
         #: Returns the heap's free pages to the OS once a burst of connections is over.
         self.heap = HeapTrimmer(self.clock)
         self.window = window
-        #: Nonces of nonce-only Connects seen inside the window (IReplayCache).
-        self.replay_cache = replay_cache if replay_cache is not None else MemoryReplayCache(clock=self.clock)
         self.protocol_errors = 0
         self.auth_failures = 0
         self.delivered = 0
+
+    @property
+    def ca_cert(self):
+        return self.verifier.ca_cert
+
+    @property
+    def registry(self):
+        """The device registry (IDeviceRegistry) the router checks, or None: any
+        certificate of the CA connects."""
+        return self.router.registry
+
+    @registry.setter
+    def registry(self, registry):
+        self.router.registry = registry
+
+    @property
+    def replay_cache(self):
+        """Nonces of nonce-only Connects seen inside the window (IReplayCache)."""
+        return self.verifier.replay_cache
+
+    @replay_cache.setter
+    def replay_cache(self, cache):
+        self.verifier.replay_cache = cache
 
     def churned(self):
         """A connection came or went."""
@@ -522,3 +550,6 @@ class CourierFactory(Factory):
         self.deadlines.stop()
         self.heap.stop()
         self.preauth.stop()
+        stop = getattr(self.replay_cache, "stop", None)
+        if stop is not None:
+            stop()

@@ -18,6 +18,12 @@ class Buckets:
         self._buckets: OrderedDict = OrderedDict()  # key -> (tokens, last time)
         self.refused = 0
 
+    def __len__(self):
+        return len(self._buckets)
+
+    def keys(self):
+        return self._buckets.keys()
+
     def allow(self, key) -> bool:
         now = self.clock.seconds()
         tokens, last = self._buckets.pop(key, (self.burst, now))
@@ -31,3 +37,15 @@ class Buckets:
         if len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
         return ok
+
+    def forget_full(self) -> None:
+        """Forget the least recently used buckets that are full again, oldest first until
+        one is not: lossless (a key forgotten starts full), and it keeps the table to the
+        keys that used their bucket lately."""
+        now = self.clock.seconds()
+        buckets = self._buckets
+        while buckets:
+            key, (tokens, last) = next(iter(buckets.items()))
+            if tokens + (now - last) * self.rate < self.burst:
+                break
+            del buckets[key]

@@ -93,6 +93,14 @@ class Router:
             if session is not None:
                 session.revoked()
 
+    def certificate_refused(self, cert_der: bytes, device_id: str, now: float):
+        """Why the device registry refuses this certificate for a Connect, or None (also
+        without a registry: then any certificate of the CA connects)."""
+        if self.registry is None:
+            return None
+        why = self.registry.check(cert_der, device_id, now)
+        return None if why is None else str(why)
+
     def _presence_failed(self, failure, device_id):
         self.log.warn("presence of {device} not recorded: {why}", device=device_id, why=failure.getErrorMessage())
 
@@ -168,3 +176,12 @@ class Router:
 
     def ack_many(self, device_id: str, message_ids):
         return self.store.ack_many(device_id, message_ids)
+
+    def revalidate(self, token: bytes):
+        """A device registered a topic (again): its token is valid, whatever an earlier
+        unregister said."""
+        return self.store.revalidate(token)
+
+    def invalidate(self, token: bytes, when: float):
+        """A device unregistered a topic: pushes to its token answer 410 from ``when``."""
+        return self.store.invalidate(token, when)

@@ -22,6 +22,7 @@ from pushd.gateway.registry import DeviceRegistry, RegistryError
 from pushd.gateway.provider import Limits, make_site
 from pushd.gateway.provider.limits import H2_INITIAL_WINDOW, at_least
 from pushd.gateway.replay import DEFAULT_SIZE as DEFAULT_REPLAY_CACHE_SIZE, MemoryReplayCache
+from pushd.gateway.replay import DEFAULT_PER_DEVICE as DEFAULT_REPLAY_PER_DEVICE
 from pushd.gateway.ratelimit import Buckets
 from pushd.gateway.router import Router
 from pushd.gateway.tokens import TokenMinter
@@ -52,6 +53,12 @@ class Options(config.Options):
         ["team-burst", None, 20000.0, "Pushes from one team allowed in a burst.", config.positive(float)],
         # Connect replay (docs/security.md "Connect replay").
         ["replay-cache-size", None, DEFAULT_REPLAY_CACHE_SIZE, "Nonces of nonce-only (APNs-style) Connects remembered for the 300 s window; when full, such Connects are refused.", config.within("replay-cache-size", int, 1)],
+        # Courier before Connect, nonces per device (docs/security.md "Connections and deadlines", "Connect replay").
+        ["max-unauthenticated", None, 4096, "Courier connections not yet past Connect, all listeners together; more are "
+         "closed at once, so they never fill --max-connections.", config.within("max-unauthenticated", int, 1)],
+        ["replay-per-device", None, DEFAULT_REPLAY_PER_DEVICE, "Live nonces of nonce-only Connects one device may hold "
+         "in the replay cache; beyond, only that device's nonce-only Connects are refused.",
+         config.within("replay-per-device", int, 1)],
         # --- device lifecycle: certificates, renewal, enrolment (docs/security.md) ---
         ["cert-days", None, 365.0, "Lifetime of a device certificate (days); devices renew at about 2/3 of it.", config.positive(float)],
         ["cert-overlap", None, 604800.0, "Seconds a renewed device's previous certificate stays accepted.", config.positive(float)],
@@ -186,10 +193,11 @@ def makeService(options, reactor=None):
         keepalive_interval=options["keepalive"],
         grace=options["grace"],
         window=options["window"],
-        replay_cache=MemoryReplayCache(options["replay-cache-size"], reactor),
+        replay_cache=MemoryReplayCache(options["replay-cache-size"], reactor, options["replay-per-device"]),
         registry=registry,
         connect_timeout=options["connect-deadline"],
         connect_budget=options["connect-budget"],
+        max_unauthenticated=options["max-unauthenticated"],
     )
     courier_admission, provider_admission = _admissions(options, reactor)
     auth = Authenticator(state / "providers.json", [pki.provider_key], reactor)
