@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from pushd import tls  # noqa: E402
 from pushd.gateway.tokens import TokenMinter  # noqa: E402

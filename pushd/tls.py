@@ -9,7 +9,6 @@ import datetime
 import hashlib
 import hmac
 import ipaddress
-import os
 import secrets
 import struct
 import uuid

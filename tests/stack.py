@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from . import procs
@@ -67,6 +68,16 @@ class Stack:
             self.device = p
         self.case.addCleanup(p.stop)
         return p.wait_for(r"connected as device")
+
+    @defer.inlineCallbacks
+    def provider_key(self, team="TEAM1", key_id="KEY1", topic=TOPIC):
+        """A team's ES256 key made with `pushctl keys new` (the .p8 path), as a provider would."""
+        key = self.dir / f"AuthKey_{key_id}.p8"
+        out, err, code = yield procs.run(procs.PUSHCTL + [
+            "keys", "new", "-d", str(self.gw_state), "--team", team, "--key-id", key_id,
+            "--topic", topic, "--out", str(key)], self.dir)
+        self.case.assertEqual(code, 0, err)
+        return key
 
     def listen(self, count=None, device="device", topic=TOPIC):
         argv = procs.PUSHCTL + ["listen", "--socket", str(self.state(device) / "pushd.sock")]

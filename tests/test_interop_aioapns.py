@@ -21,11 +21,7 @@ class AioapnsTests(unittest.TestCase):
     def test_aioapns_and_curl_token_auth_reach_the_app(self):
         s = Stack(self)
         yield s.start_gateway()
-        key = s.dir / "AuthKey_KEY1.p8"
-        out, err, code = yield procs.run(procs.PUSHCTL + [
-            "keys", "new", "-d", str(s.gw_state), "--team", "TEAM1", "--key-id", "KEY1",
-            "--topic", TOPIC, "--out", str(key)], s.dir)
-        self.assertEqual(code, 0, err)
+        key = yield s.provider_key()
         yield s.start_device()
         app = s.listen(2)
         token = (yield app.wait_for(r"^token ([0-9a-f]{64})$")).group(1)

@@ -26,11 +26,7 @@ class NodeApnTests(unittest.TestCase):
     def test_node_apn_token_auth_reaches_the_app_and_reads_errors(self):
         s = Stack(self)
         yield s.start_gateway()
-        key = s.dir / "AuthKey_KEY1.p8"
-        out, err, code = yield procs.run(procs.PUSHCTL + [
-            "keys", "new", "-d", str(s.gw_state), "--team", "TEAM1", "--key-id", "KEY1",
-            "--topic", TOPIC, "--out", str(key)], s.dir)
-        self.assertEqual(code, 0, err)
+        key = yield s.provider_key()
         yield s.start_device()
         app = s.listen(1)
         token = (yield app.wait_for(r"^token ([0-9a-f]{64})$")).group(1)
