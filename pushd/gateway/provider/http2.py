@@ -9,7 +9,8 @@ has one request shape.
 
 Bounded before authenticated: a request's authorization is judged on its HEADERS, before
 any body byte is kept; a connection has one stream until a valid provider token arrives on
-it (as APNs does), then ``max_streams``; bodies of streams not yet dispatched are held
+it (as APNs does), then ``max_streams``; one without a valid token is closed at
+``auth_deadline`` from its start or at its ``unauthenticated_requests``-th refused request; bodies of streams not yet dispatched are held
 against the connection's flow-control window, which is reopened only as they are
 dispatched, so they never exceed ``body_budget``; requests and resets per second are
 bounded (CVE-2023-44487, rapid reset), and so are frames that carry no request bytes (the
