@@ -296,3 +296,39 @@ class HTTP11Tests(unittest.TestCase):
                 if hasattr(e, "headers") and e.headers and dict(e.headers).get(b":status"):
                     statuses.append(int(dict(e.headers)[b":status"]))
         self.assertEqual(statuses, [403, 403, 429])
+
+
+class _Enrol:
+    """Enrolment's answer() shape, for routing only: 413 when the body was over its limit."""
+
+    def __init__(self):
+        self.bodies = []
+
+    def answer(self, raw, overflow, peer):
+        self.bodies.append((raw, overflow))
+        return (413, b'{"reason": "RequestTooLarge"}') if overflow else (200, b"{}")
+
+
+class HTTP11EnrolTests(unittest.TestCase):
+    def test_a_body_announced_over_its_limit_is_refused_before_it_is_read(self):
+        """Enrolment needs no token: a Content-Length over its limit gets 413 and Connection: close at once."""
+        clock = task.Clock()
+        clock.advance(T0)
+        enrol = _Enrol()
+        site = make_site(Router(MemoryStore(), TokenMinter(b"k"), clock), Authenticator(Path(self.mktemp()), [STATIC], clock),
+                         enrol, clock=clock)
+        peer = address.IPv4Address("TCP", "127.0.0.1", 1234)
+        proto = site.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        proto.makeConnection(transport)
+        proto.dataReceived(b"POST /pushd/v1/enrol HTTP/1.1\r\nHost: localhost\r\ncontent-length: 10000000\r\n\r\n")
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 413 "), out[:40])
+        self.assertIn(b"connection: close", out.lower())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(enrol.bodies, [(b"", True)])
+        proto2 = site.buildProtocol(peer)
+        t2 = StringTransport(peerAddress=peer)
+        proto2.makeConnection(t2)
+        proto2.dataReceived(b"POST /pushd/v1/enrol HTTP/1.1\r\nHost: localhost\r\ncontent-length: 2\r\n\r\n{}")
+        self.assertTrue(t2.value().startswith(b"HTTP/1.1 200 "), "within its limit: read and answered")
