@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import socket
 import time
@@ -12,7 +13,7 @@ from hyperframe.frame import PingFrame
 from twisted.internet import defer, reactor, task, utils
 from twisted.trial import unittest
 
-from pushd import wire
+from pushd import tls, wire
 from pushd.gateway.auth import make_jwt
 
 from pushd.gateway.provider import Limits
@@ -106,6 +107,34 @@ class GoawayTests(H2Mixin, unittest.TestCase):
         yield h2client.until(lambda: client.closed.called, timeout=3)
         self.assertEqual(client.terminated.error_code, 0)
         self.assertEqual(client.terminated.additional_data, b'{"reason":"IdleTimeout"}')
+
+
+class KeyRotationTests(H2Mixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_refusals_then_a_valid_token_then_refusals_keep_the_connection(self):
+        """
+        A provider whose key changed: a few refused requests, then a valid token; once it had
+        one, neither --unauthenticated-requests nor --auth-deadline closes its connection.
+        """
+        clock = task.Clock()
+        self.site.reactor = clock  # the connection's timers
+        client = yield self.connect()
+        self.post = functools.partial(self.post, client=client)
+        other = tls.new_key("ec")
+        n = self.site.limits.unauthenticated_requests
+        for i in range(n - 1):
+            r = yield self.post(auth="bearer " + make_jwt(other, "KEY1", "TEAM1", iat=int(time.time()) - i))
+            self.assertEqual((r.status, r.json["reason"]), (403, "InvalidProviderToken"))
+        r = yield self.post(auth="bearer " + make_jwt(self.jwt_key, "KEY1", "TEAM1"))
+        self.assertEqual(r.status, 200)
+        for i in range(3 * n):
+            r = yield self.post(auth="bearer " + make_jwt(other, "KEY1", "TEAM1", iat=int(time.time()) - 100 - i))
+            self.assertEqual(r.status, 403)
+        clock.advance(self.site.limits.auth_deadline + 1)
+        r = yield self.post(auth="bearer " + make_jwt(self.jwt_key, "KEY1", "TEAM1"))
+        self.assertEqual(r.status, 200)
+        self.assertIsNone(client.terminated)
+        self.assertFalse(client.closed.called)
 
 
 class HeaderRuleTests(H2Mixin, unittest.TestCase):
