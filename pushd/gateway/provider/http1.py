@@ -93,10 +93,12 @@ class Root(resource.Resource):
 
 class ProviderChannel(http.HTTPChannel):
     """
-    twisted.web's channel with an absolute deadline for each request's headers and body (at
-    most 64 KiB kept): its idle timer is reset by every byte, so a client trickling one byte at
-    a time held a connection forever. The deadline runs from the connection's start, and for
-    each later request from its first byte; trickling does not move it.
+    twisted.web's channel with an absolute deadline for each request's headers and body (the
+    authorization judged on the headers, the body kept up to the limit they earned): its idle
+    timer is reset by every byte, so a client trickling one byte at a time held a connection
+    forever. The deadline runs from the connection's start, and for each later request from
+    its first byte; trickling does not move it. Until a valid token, ``auth_deadline`` and
+    ``unauthenticated_requests`` bound the connection too.
     """
 
     _deadline_call = None
@@ -130,10 +132,7 @@ class ProviderChannel(http.HTTPChannel):
 
     def _stop_timers(self):
         self._disarm()
-        if self._auth_call is not None:
-            if self._auth_call.active():
-                self._auth_call.cancel()
-            self._auth_call = None
+        self._stop_auth_deadline()
 
     def dataReceived(self, data):
         if self._ended:
