@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
@@ -94,12 +94,20 @@ class H2Client(protocol.Protocol):
                     if sid > (ev.last_stream_id or 0):
                         del self.waiting[sid]
                         d.errback(ConnectionError(f"GOAWAY {ev.error_code!r}"))
+                self._fail_queued(ConnectionError(f"GOAWAY {ev.error_code!r}"))
         self.flush()
+
+    def _fail_queued(self, why):
+        """Requests never sent (no free stream before the connection ended) fail too."""
+        queued, self.queued = self.queued, []
+        for *_, d in queued:
+            d.errback(why)
 
     def connectionLost(self, reason):
         for d in self.waiting.values():
             d.errback(reason)
         self.waiting.clear()
+        self._fail_queued(reason)
         self.closed.callback(None)
 
     def request(self, path, headers=(), body=b"", method="POST", end=True):
@@ -114,6 +122,8 @@ class H2Client(protocol.Protocol):
         return d
 
     def _send_queued(self):
+        if self.terminated is not None or self.conn.state_machine.state is ConnectionState.CLOSED:
+            return  # a GOAWAY came (its event may not be handled yet): ConnectionTerminated fails them
         while self.queued and self.conn.open_outbound_streams < self.conn.remote_settings.max_concurrent_streams:
             path, headers, body, method, end, d = self.queued.pop(0)
             sid = self.conn.get_next_available_stream_id()
@@ -167,6 +177,27 @@ class H2Client(protocol.Protocol):
     def close(self):
         self.transport.loseConnection()
         return self.closed
+
+
+def until(predicate, timeout=10.0, step=0.005):
+    """
+    Fire once ``predicate()`` is true, looked at every ``step`` s on the reactor; fail after
+    ``timeout`` s. For state that changes in another protocol over a real socket: a test
+    waits for it, not for a fixed time (which a loaded machine overruns).
+    """
+    d = defer.Deferred()
+    started = reactor.seconds()
+
+    def check():
+        if predicate():
+            d.callback(None)
+        elif reactor.seconds() - started > timeout:
+            d.errback(AssertionError(f"not true within {timeout} s: {predicate}"))
+        else:
+            reactor.callLater(step, check)
+
+    check()
+    return d
 
 
 def connect(port, ca_pem, alpn=True):

@@ -172,16 +172,28 @@ class StalledClientTests(ServerMixin, unittest.TestCase):
         yield ServerMixin.setUp(self)
         self.site.reactor = self.clock  # the channels' timeouts (HTTPFactory.buildProtocol)
         self.site.timeOut = 30
+        self.channels = []  # the server's side of each connection, to wait on its state
+        build = self.site.buildProtocol
+
+        def recording(addr):
+            p = build(addr)
+            self.channels.append(p)
+            return p
+
+        self.site.buildProtocol = recording
+
+    def server(self):
+        return self.channels[-1]._channel
 
     @defer.inlineCallbacks
     def test_http2_stalled_stream(self):
         client = yield h2client.connect(self.port.getHost().port, self.ca_pem)
         d = client.request(f"/3/device/{self.token}", [("apns-topic", TOPIC)], b'{"half":', end=False)
         d.addErrback(lambda f: f.trap(ConnectionError, Exception))
-        yield task.deferLater(reactor, 0.1, lambda: None)  # let the frames reach the server
+        yield h2client.until(lambda: self.channels and getattr(self.server(), "headers_seen", False))
         self.assertFalse(client.closed.called)
-        self.clock.advance(31)  # idle: the server sends GOAWAY and closes...
-        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.clock.advance(31)  # no token, idle: the server sends GOAWAY and closes...
+        yield h2client.until(lambda: client.terminated is not None)
         self.clock.advance(16)  # ...aborting the connection if the close does not complete
         yield client.closed
         self.assertIsNotNone(client.terminated, "a GOAWAY came first")
@@ -196,10 +208,12 @@ class StalledClientTests(ServerMixin, unittest.TestCase):
         from .test_e2e import _Raw
 
         raw = _Raw(b"POST /3/device/" + self.token.encode() + b" HTTP/1.1\r\nHost: localhost\r\n"
+                   b"authorization: bearer " + self.pki.provider_key.encode() + b"\r\n"
                    b"apns-topic: " + TOPIC.encode() + b"\r\ncontent-length: 100\r\n\r\n{\"half\":")
         opts = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(self.ca_pem))
         reactor.connectSSL("127.0.0.1", self.port.getHost().port, protocol.ClientFactory.forProtocol(lambda: raw), opts)
-        yield task.deferLater(reactor, 0.1, lambda: None)
+        # The headers judged (a valid key): only the body is missing.
+        yield h2client.until(lambda: self.channels and self.server().authenticated)
         self.assertFalse(raw.closed.called)
         self.clock.advance(31)
         closed, data = yield raw.closed
@@ -213,13 +227,11 @@ class StalledClientTests(ServerMixin, unittest.TestCase):
         raw = _Raw(b"POST /3/device/" + self.token.encode() + b" HTTP/1.1\r\nHost: localhost\r\n")
         opts = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(self.ca_pem))
         reactor.connectSSL("127.0.0.1", self.port.getHost().port, protocol.ClientFactory.forProtocol(lambda: raw), opts)
-        yield task.deferLater(reactor, 0.1, lambda: None)
-        for second in range(1, 10):
+        yield h2client.until(lambda: self.channels and self.server().started is not None)
+        for second in range(1, 6):
+            received = len(self.server()._buffer)
             raw.transport.write(b"x")
-            yield task.deferLater(reactor, 0.05, lambda: None)
-            self.clock.advance(1)
-            yield task.deferLater(reactor, 0.05, lambda: None)
-            if raw.closed.called:
-                break
-        self.assertTrue(raw.closed.called)
-        self.assertLessEqual(second, 5)
+            yield h2client.until(lambda: len(self.server()._buffer) > received or raw.closed.called)
+            self.assertFalse(raw.closed.called, second)
+            self.clock.advance(1 if second < 5 else 1.01)
+        yield raw.closed  # at 5 s from the start on the server's clock, however many bytes trickled

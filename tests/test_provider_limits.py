@@ -165,7 +165,7 @@ class StreamsTests(unittest.TestCase):
 
     def test_unauthenticated_bodies_are_never_kept(self):
         """A flood of unauthenticated streams with 16 KiB bodies: each refused on its HEADERS, no byte held."""
-        h = Harness(self)
+        h = Harness(self, Limits(unauthenticated_requests=1000, auth_deadline=1000))
         h.pump()
         refused = 0
         for _ in range(100):
@@ -284,10 +284,14 @@ class ProtocolErrorTests(unittest.TestCase):
             h.pump()
             h.to_server(b"\x00\x00\x04\x00\x00\x00\x00\x00\x00abcd")
         self.assertEqual(len(events), 1)
-        clock.advance(1.5)
+        clock.advance(1.5)  # the other nine, counted, in one line a second after the first
+        self.assertEqual([e["total"] for e in events], [1, 9])
         h = Harness(self, logs=logs, clock=clock)
         h.to_server(h.client.data_to_send() + b"\x00\x00\x04\x00\x00\x00\x00\x00\x00abcd")
-        self.assertEqual([e["suppressed"] for e in events], [0, 9])
+        self.assertEqual(len(events), 2, "within a second of the last line: counted, not logged")
+        logs.stop()  # the listener stops: the last count is logged too
+        self.assertEqual([e["total"] for e in events], [1, 9, 1])
+        self.assertIsNone(logs.protocol_error.throttle._call, "no timer left behind")
 
 
 class TimeTests(unittest.TestCase):
@@ -658,8 +662,8 @@ class SettingsTests(unittest.TestCase):
         o.parseOptions(["--header-deadline", "3", "--h2-max-streams", "10", "--h2-body-budget", "100000",
                         "--h2-requests-per-second", "7", "--h2-resets-per-second", "8",
                         "--h2-max-header-bytes", "9000", "--h2-control-frames-per-second", "11",
-                        "--h2-body-deadline", "2.5"])
-        self.assertEqual(tap.provider_limits(o), Limits(3.0, 10, 100000, 7, 8, 9000, 11, 2.5))
+                        "--h2-body-deadline", "2.5", "--auth-deadline", "4", "--unauthenticated-requests", "3"])
+        self.assertEqual(tap.provider_limits(o), Limits(3.0, 10, 100000, 7, 8, 9000, 11, 2.5, 4.0, 3))
 
     def test_defaults_match_the_shipped_config(self):
         """gateway.conf shows each limit's default, commented."""
@@ -668,14 +672,18 @@ class SettingsTests(unittest.TestCase):
         text = (ROOT / "etc/pushd/gateway.conf").read_text()
         for name in ("header-deadline", "h2-max-streams", "h2-body-budget", "h2-requests-per-second",
                      "h2-resets-per-second", "h2-max-header-bytes", "hpack-cache-bytes",
-                     "h2-control-frames-per-second", "h2-body-deadline"):
+                     "h2-control-frames-per-second", "h2-body-deadline", "auth-deadline", "unauthenticated-requests",
+                     "auth-verify-rate", "auth-verify-burst"):
             self.assertIn(f"# {name} = {o[name]:g}" if isinstance(o[name], float) else f"# {name} = {o[name]}", text)
         self.assertEqual(tap.provider_limits(o), Limits())
 
     def test_bad_values_name_the_option(self):
         for argv, message in [(["--h2-body-budget", "1000"], "--h2-body-budget must be at least 65535"),
                               (["--h2-max-header-bytes", "10"], "--h2-max-header-bytes must be at least 4096"),
-                              (["--hpack-cache-bytes", "lots"], "--hpack-cache-bytes: 'lots' is not a number"),
+                              (["--hpack-cache-bytes", "lots"], "--hpack-cache-bytes must be a number, not 'lots'"),
+                              (["--auth-deadline", "0"], "--auth-deadline must be between 0.1 and 3600"),
+                              (["--unauthenticated-requests", "0"], "--unauthenticated-requests must be between 1"),
+                              (["--auth-verify-burst", "0.5"], "--auth-verify-burst must be at least 1"),
                               (["--h2-control-frames-per-second", "1"],
                                "--h2-control-frames-per-second must be at least 10")]:
             with self.assertRaisesRegex(usage.UsageError, message):

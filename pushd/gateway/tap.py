@@ -20,7 +20,7 @@ from pushd.gateway import hpackfast
 from pushd.gateway.enrol import Enrolment, EnrolSecrets
 from pushd.gateway.registry import DeviceRegistry, RegistryError
 from pushd.gateway.provider import Limits, make_site
-from pushd.gateway.provider.limits import H2_INITIAL_WINDOW, at_least
+from pushd.gateway.provider.limits import H2_INITIAL_WINDOW
 from pushd.gateway.replay import DEFAULT_SIZE as DEFAULT_REPLAY_CACHE_SIZE, MemoryReplayCache
 from pushd.gateway.replay import DEFAULT_PER_DEVICE as DEFAULT_REPLAY_PER_DEVICE
 from pushd.gateway.ratelimit import Buckets
@@ -84,21 +84,33 @@ class Options(config.Options):
         ["h2-max-streams", None, 1000, "HTTP/2 streams at once per connection once a valid provider token "
          "arrived (one before, as APNs).", config.positive(int)],
         ["h2-body-budget", None, 256 * 1024, "Bytes of request bodies not yet dispatched held per HTTP/2 "
-         "connection (its flow-control window).", at_least(int, H2_INITIAL_WINDOW, "h2-body-budget")],
+         "connection (its flow-control window).", config.within("h2-body-budget", int, H2_INITIAL_WINDOW)],
         ["h2-requests-per-second", None, 10000, "Requests per HTTP/2 connection per second; beyond: GOAWAY "
          "ENHANCE_YOUR_CALM.", config.positive(int)],
         ["h2-resets-per-second", None, 100, "Stream resets (RST_STREAM) per HTTP/2 connection per second; "
          "beyond: GOAWAY ENHANCE_YOUR_CALM.", config.positive(int)],
         ["h2-max-header-bytes", None, 16 * 1024, "Bytes of one HTTP/2 request header block.",
-         at_least(int, 4096, "h2-max-header-bytes")],
+         config.within("h2-max-header-bytes", int, 4096)],
         ["hpack-cache-bytes", None, hpackfast.CACHE_BYTES, "Bytes of decoded HPACK strings remembered "
-         "(JWTs), in all.", at_least(int, 0, "hpack-cache-bytes")],
+         "(JWTs), in all.", config.within("hpack-cache-bytes", int, 0)],
         # HTTP/2 floods and slow bodies after authentication (docs/security.md, "Provider API limits").
         ["h2-control-frames-per-second", None, 1000, "Frames without request bytes (PING, SETTINGS, PRIORITY, "
          "WINDOW_UPDATE, RST_STREAM, empty frames, ...) per HTTP/2 connection per second; beyond: GOAWAY "
-         "ENHANCE_YOUR_CALM.", at_least(int, 10, "h2-control-frames-per-second")],
+         "ENHANCE_YOUR_CALM.", config.within("h2-control-frames-per-second", int, 10)],
         ["h2-body-deadline", None, 5.0, "Seconds from an HTTP/2 request's HEADERS to the end of its body; "
          "beyond: 400 IdleTimeout and the stream is reset.", config.positive(float)],
+        # Provider connections before a valid token (docs/security.md, "Provider API limits").
+        ["auth-deadline", None, 10.0, "Seconds from a provider connection's start to its first valid token; "
+         "beyond, it is closed (HTTP/2: GOAWAY). Refused requests do not extend it.",
+         config.within("auth-deadline", float, 0.1, 3600)],
+        ["unauthenticated-requests", None, 10, "Requests refused on their headers a provider connection without "
+         "a valid token may make; then it is closed (HTTP/2: GOAWAY ENHANCE_YOUR_CALM).",
+         config.within("unauthenticated-requests", int, 1, 100000)],
+        ["auth-verify-rate", None, 5.0, "Provider tokens not seen before verified per second per address "
+         "(an ES256 check costs up to 1.1 ms); beyond: 429 TooManyProviderTokenUpdates.",
+         config.within("auth-verify-rate", float, 0.001)],
+        ["auth-verify-burst", None, 100.0, "Provider tokens not seen before verified from one address in a burst.",
+         config.within("auth-verify-burst", float, 1)],
     ]
     optFlags = [
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
@@ -166,6 +178,8 @@ def provider_limits(options) -> Limits:
         max_header_bytes=options["h2-max-header-bytes"],
         control_frames_per_second=options["h2-control-frames-per-second"],
         body_deadline=options["h2-body-deadline"],
+        auth_deadline=options["auth-deadline"],
+        unauthenticated_requests=options["unauthenticated-requests"],
     )
 
 
@@ -214,6 +228,8 @@ def makeService(options, reactor=None):
         token_limit=Buckets(options["token-rate"], options["token-burst"], reactor),
         team_limit=Buckets(options["team-rate"], options["team-burst"], reactor),
         limits=provider_limits(options),
+        verify_limit=Buckets(options["auth-verify-rate"], options["auth-verify-burst"], reactor),
+        ipv6_prefix=options["ipv6-prefix"],
     )
     site.timeOut = options["idle-timeout"]
     site.access_log = bool(options["access-log"])

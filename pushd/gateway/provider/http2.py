@@ -9,7 +9,8 @@ has one request shape.
 
 Bounded before authenticated: a request's authorization is judged on its HEADERS, before
 any body byte is kept; a connection has one stream until a valid provider token arrives on
-it (as APNs does), then ``max_streams``; bodies of streams not yet dispatched are held
+it (as APNs does), then ``max_streams``; one without a valid token is closed at
+``auth_deadline`` from its start or at its ``unauthenticated_requests``-th refused request; bodies of streams not yet dispatched are held
 against the connection's flow-control window, which is reopened only as they are
 dispatched, so they never exceed ``body_budget``; requests and resets per second are
 bounded (CVE-2023-44487, rapid reset), and so are frames that carry no request bytes (the
@@ -42,7 +43,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pushd.gateway import hpackfast
-from pushd.gateway.provider.limits import H2_INITIAL_WINDOW, Limits, ThrottledLog
+from pushd.gateway.provider.limits import H2_INITIAL_WINDOW, EventLog, Limits
 from pushd.gateway.provider.rules import Answer, Refused, duplicated
 
 hpackfast.install()
@@ -149,11 +150,17 @@ class Logs:
     """The hostile events one provider listener logs, each at most once a second."""
 
     def __init__(self, clock, log):
-        self.protocol_error = ThrottledLog(clock, log, "closing HTTP/2 connection from {peer}: {why}")
-        self.calm = ThrottledLog(clock, log, "GOAWAY ENHANCE_YOUR_CALM to {peer}: {why}")
-        self.late = ThrottledLog(clock, log, "closing provider connection from {peer}: {why}")
-        self.idle = ThrottledLog(clock, log, "closing idle HTTP/2 connection from {peer}")
-        self.slow_body = ThrottledLog(clock, log, "400 IdleTimeout to {peer}: {why}")
+        self.protocol_error = EventLog(clock, log, "closing HTTP/2 connection from {peer}: {why}")
+        self.calm = EventLog(clock, log, "GOAWAY ENHANCE_YOUR_CALM to {peer}: {why}")
+        self.late = EventLog(clock, log, "closing provider connection from {peer}: {why}")
+        self.idle = EventLog(clock, log, "closing idle HTTP/2 connection from {peer}")
+        self.slow_body = EventLog(clock, log, "400 IdleTimeout to {peer}: {why}")
+        self.unauthenticated = EventLog(clock, log, "closing provider connection without a valid token from {peer}: {why}")
+
+    def stop(self):
+        """Log what is counted and leave no timer (the listener stops)."""
+        for event in vars(self).values():
+            event.stop()
 
 
 @implementer(IPushProducer)
@@ -161,13 +168,14 @@ class ProviderH2(Protocol):
     log = Logger()
 
     def __init__(self, api, clock, idle_timeout, limits: Limits = Limits(), logs: Logs | None = None,
-                 peer="", started=None):
+                 peer="", started=None, source=None):
         self.api = api
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.limits = limits
         self.logs = logs or Logs(clock, self.log)
         self.peer = peer
+        self.source = source  # the address key the API's per-address verification bucket counts
         self.started = clock.seconds() if started is None else started
         self.conn = H2Connection(_CONFIG)
         self.streams: dict = {}  # stream id -> _Stream, headers passed, body not yet complete
@@ -178,6 +186,7 @@ class ProviderH2(Protocol):
         self.held_peak = 0
         self.stream_limit = 1
         self.authenticated = False
+        self.refused = 0  # requests refused on their headers before a valid token
         self.requests = 0  # HEADERS received in the current one-second window
         self.resets = 0
         self.control = 0  # frames without request bytes in the current second
@@ -188,6 +197,7 @@ class ProviderH2(Protocol):
         self._idle_call = None
         self._deadline_call = None
         self._body_call = None
+        self._auth_call = None
         self._abort = None
         self.headers_seen = False
         self.closing = False
@@ -206,6 +216,8 @@ class ProviderH2(Protocol):
         if self.idle_timeout:
             self._idle_call = self.clock.callLater(self.idle_timeout, self._idle_check)
         self._arm_deadline(self.started)
+        delay = max(0.0, self.started + self.limits.auth_deadline - self.clock.seconds())
+        self._auth_call = self.clock.callLater(delay, self._auth_late)
         self.flush()
 
     def dataReceived(self, data):
@@ -299,6 +311,16 @@ class ProviderH2(Protocol):
         self._hostile(self.logs.late, ErrorCodes.ENHANCE_YOUR_CALM,
                       f"request headers not complete within {self.limits.header_deadline:g} s")
 
+    def _auth_late(self):
+        """No valid token within auth_deadline of the start: refused requests do not keep a connection."""
+        self._auth_call = None
+        if self.closing or self.authenticated:
+            return
+        self.logs.unauthenticated(peer=self.peer, why=f"no valid token within {self.limits.auth_deadline:g} s")
+        self._close(ErrorCodes.NO_ERROR, ABORT_HOSTILE, self._last_refusal)
+
+    _last_refusal = b'{"reason":"MissingProviderToken"}'
+
     def _idle_check(self):
         self._idle_call = None
         if self.closing:
@@ -335,7 +357,7 @@ class ProviderH2(Protocol):
         self._abort = self.clock.callLater(abort_after, self.transport.abortConnection)
 
     def _stop_timers(self):
-        for name in ("_idle_call", "_deadline_call", "_body_call"):
+        for name in ("_idle_call", "_deadline_call", "_body_call", "_auth_call"):
             call = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
@@ -366,7 +388,7 @@ class ProviderH2(Protocol):
         dup = len(headers) != len(raw) and duplicated(raw)
         method = headers.get(b":method")
         try:
-            t = self.api.head(method, headers.get(b":path", b""), headers.get, dup, self.peer)
+            t = self.api.head(method, headers.get(b":path", b""), headers.get, dup, self.peer, self.source)
         except Exception:
             self.log.failure("judging a request from {peer} failed", peer=self.peer)
             t = Refused(_500, False)
@@ -375,6 +397,8 @@ class ProviderH2(Protocol):
         if type(t) is Refused:
             # Refused on its headers: no body byte of it is kept.
             self._respond(sid, t.answer, method == b"HEAD", event.stream_ended is None)
+            if not self.authenticated:
+                self._refused_unauthenticated(t.answer)
             return
         s = _Stream(t, self.clock.seconds())
         if event.stream_ended is not None:
@@ -411,9 +435,25 @@ class ProviderH2(Protocol):
         self._arm_body_deadline()
         self.flush()
 
+    def _refused_unauthenticated(self, answer):
+        """
+        Each refused request before a valid token may have cost a signature verification (up
+        to 1.1 ms): a few are a provider whose key just changed, more are an attack.
+        """
+        self.refused += 1
+        if answer.body:
+            self._last_refusal = answer.body  # APNs' JSON, the GOAWAY's debug data
+        if self.refused >= self.limits.unauthenticated_requests:
+            self.logs.unauthenticated(peer=self.peer, why=f"{self.refused} requests refused without a valid token")
+            self._close(ErrorCodes.ENHANCE_YOUR_CALM, ABORT_HOSTILE, self._last_refusal)
+
     def _authenticated(self):
         """A valid provider token: the connection may use APNs' stream count and the full budget."""
         self.authenticated = True
+        if self._auth_call is not None:
+            if self._auth_call.active():
+                self._auth_call.cancel()
+            self._auth_call = None
         self.stream_limit = self.limits.max_streams
         self.conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_streams})
         extra = self.limits.body_budget - H2_INITIAL_WINDOW

@@ -1,6 +1,6 @@
 """
 The provider API's limits (each a gateway setting, see tap.py) and a log that says a hostile
-thing happened at most once a second, with how many times.
+thing happened at most once a second, with how many times (pushd.throttle).
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twisted.logger import Logger
+
+from pushd.throttle import LogThrottle
 
 #: HTTP/2's initial connection window: a smaller body budget could not be enforced by flow control.
 H2_INITIAL_WINDOW = 65_535
@@ -34,43 +36,30 @@ class Limits:
     #: Seconds from a stream's HEADERS to the end of its body, once the connection has a valid
     #: token (before, ``header_deadline`` holds the whole connection); beyond: 400 IdleTimeout.
     body_deadline: float = 5.0
+    #: Seconds from a connection's start to its first valid provider token (or operator key);
+    #: beyond, it is closed (HTTP/2: GOAWAY). Refused requests do not extend it.
+    auth_deadline: float = 10.0
+    #: Requests refused on their headers that a connection without a valid token may make;
+    #: at this many it is closed (HTTP/2: GOAWAY ENHANCE_YOUR_CALM; HTTP/1.1: Connection: close).
+    unauthenticated_requests: int = 10
 
 
-class ThrottledLog:
-    """One log line a second at most for one kind of event; the rest are counted into the next."""
+class EventLog:
+    """
+    One kind of hostile event (``log(peer=..., why=...)``), logged through the one LogThrottle:
+    a line at once, then at most one a second with the count by reason, the last count too.
+    """
 
     def __init__(self, clock, log: Logger, fmt: str, interval: float = 1.0):
-        self.clock = clock
         self.log = log
         self.fmt = fmt
-        self.interval = interval
-        self._last = None
-        self.suppressed = 0
-        self.total = 0
+        self.throttle = LogThrottle(clock, self._emit, interval)
 
-    def __call__(self, **fields) -> None:
-        self.total += 1
-        now = self.clock.seconds()
-        if self._last is not None and now - self._last < self.interval:
-            self.suppressed += 1
-            return
-        self._last = now
-        self.log.info(self.fmt + " ({suppressed} more like it since the last line)",
-                      suppressed=self.suppressed, **fields)
-        self.suppressed = 0
+    def __call__(self, peer="", why="") -> None:
+        self.throttle.note(why, peer=peer, why=why)
 
+    def _emit(self, counts, total, sample):
+        self.log.info(self.fmt + " ({total} since the last line: {counts})", total=total, counts=counts, **sample)
 
-def at_least(kind, minimum: int, option: str):
-    """An option coercer: a number of ``kind``, at least ``minimum``; the error names the option."""
-
-    def coerce(value):
-        try:
-            v = kind(value)
-        except ValueError:
-            raise ValueError(f"--{option}: {value!r} is not a number") from None
-        if v < minimum:
-            raise ValueError(f"--{option} must be at least {minimum}")
-        return v
-
-    coerce.coerceDoc = f"At least {minimum}."
-    return coerce
+    def stop(self) -> None:
+        self.throttle.stop()

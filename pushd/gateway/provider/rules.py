@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from functools import partial
 from typing import NamedTuple
 
 from twisted.logger import Logger
@@ -119,14 +120,20 @@ class DeviceAPI:
 
     log = Logger()
 
-    def __init__(self, router, auth, token_limit=None, team_limit=None):
+    def __init__(self, router, auth, token_limit=None, team_limit=None, verify_limit=None):
         self.router = router
         self.auth = auth
         self.token_limit = token_limit
         self.team_limit = team_limit
+        #: Buckets of provider-token verifications per source address (cache misses only):
+        #: one costs 0.5-1.1 ms of CPU, and anyone can send a fresh garbage token per request.
+        self.verify_limit = verify_limit
 
-    def head(self, method: bytes, path: bytes, header, dup: bool, peer: str):
-        """A Ticket, or Refused. ``header(name)`` gives a header's value (lower-case name) or None."""
+    def head(self, method: bytes, path: bytes, header, dup: bool, peer: str, source=None):
+        """
+        A Ticket, or Refused. ``header(name)`` gives a header's value (lower-case name) or None;
+        ``source`` is the address key (pushd.admission.address_key) that verify_limit counts.
+        """
         if dup:
             return Refused(_answer(400, new_apns_id()[0], "DuplicateHeaders"), False)
         raw_id = header(b"apns-id")
@@ -142,7 +149,10 @@ class DeviceAPI:
             return Refused(_answer(405, apns_id, "MethodNotAllowed"), False)
         authenticated = False
         try:
-            team = self.auth.authenticate(header(b"authorization"))
+            if self.verify_limit is None or source is None:
+                team = self.auth.authenticate(header(b"authorization"))
+            else:
+                team = self.auth.authenticate(header(b"authorization"), partial(self.verify_limit.allow, source))
             authenticated = True
             t = Ticket("device", wire.MAX_PAYLOAD, peer, True)
             t.apns_id, t.id_bytes, t.team = apns_id, id_bytes, team
@@ -288,9 +298,9 @@ class ProviderAPI:
         self.device = device
         self.enrol = enrol
 
-    def head(self, method: bytes, path: bytes, header, dup: bool, peer: str):
+    def head(self, method: bytes, path: bytes, header, dup: bool, peer: str, source=None):
         if path.startswith(DEVICE_PREFIX):
-            return self.device.head(method, path, header, dup, peer)
+            return self.device.head(method, path, header, dup, peer, source)
         if self.enrol is not None and path == ENROL_PATH:
             if method != b"POST":
                 return Refused(Answer(405, [_JSON], b'{"reason": "MethodNotAllowed"}'), False)
