@@ -9,7 +9,7 @@ from twisted.trial import unittest
 from pushd import tls, wire
 from pushd.endpoints import LeanTLSFactory
 
-from .helpers import CA_CERT, CA_KEY, Device, Gateway, frames_of
+from .helpers import CA_CERT, CA_KEY, Device, Gateway
 
 
 def trickle(gw, proto, data, every):

@@ -20,6 +20,7 @@ from twisted.trial import unittest
 
 from pushd import tls
 from pushd.gateway import auth as auth_module
+from pushd.gateway import enrol
 from pushd.gateway.auth import Authenticator, ProviderKeys, make_jwt
 from pushd.gateway.provider import Limits, make_site
 from pushd.gateway.provider.http1 import BoundedRequest
@@ -306,7 +307,9 @@ class _Enrol:
 
     def answer(self, raw, overflow, peer):
         self.bodies.append((raw, overflow))
-        return (413, b'{"reason": "RequestTooLarge"}') if overflow else (200, b"{}")
+        if overflow:
+            raise enrol.RequestTooLarge()
+        return {}
 
 
 class HTTP11EnrolTests(unittest.TestCase):
