@@ -102,6 +102,40 @@ class DeadlineTests(unittest.TestCase):
             self.assertLess(when, deadlines[id(m)] + 0.7 + 0.05 + 1e-9)
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_a_burst_of_timeouts_is_spread_over_reactor_turns(self):
+        """Thousands of connections due together are closed ``batch`` a turn, not in one call
+        that stalls every honest connection behind it."""
+        clock = task.Clock()
+        wheel = DeadlineWheel(clock)
+        wheel.batch = 100
+        fired = []
+
+        class M:
+            _wheelslot = None
+
+            def __init__(self, deadline):
+                self._deadline = deadline
+
+            def timeoutConnection(self):
+                fired.append(self)
+
+        members = [M(10.0) for _ in range(250)]
+        for m in members:
+            wheel.watch(m)
+        members[-1]._deadline = None  # closed (unwatched by hand) before its turn
+        clock.rightNow = 10.0
+        wheel._due()  # what the wheel's timer runs: one reactor turn
+        self.assertEqual(len(fired), 100)
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls() if c.func == wheel._drain], [10.0])
+        members[150]._deadline = 30.0  # moved on while waiting: filed again, not timed out
+        clock.advance(0)  # the next turns (task.Clock runs them all at once)
+        self.assertEqual(len(fired), 248)
+        self.assertNotIn(members[150], fired)
+        self.assertEqual(len(wheel), 1)
+        clock.advance(20.0)
+        self.assertIn(members[150], fired)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
 
 class LazyStateTests(unittest.TestCase):
     def setUp(self):

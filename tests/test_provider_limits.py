@@ -243,6 +243,28 @@ class RateTests(unittest.TestCase):
         self.assertLessEqual(h.server.resets, 101 + 1)
         self.assertEqual(len(h.log_lines("ENHANCE_YOUR_CALM")), 1)
 
+    def test_unauthenticated_rapid_reset_in_one_read_is_parsed_only_k_deep(self):
+        """Before a valid token h2 parses at most ``unauthenticated_requests`` requests of a read:
+        a read packed with HEADERS + RST_STREAM costs ten HPACK decodes, not thousands."""
+        h = Harness(self, Limits(unauthenticated_requests=10))
+        for _ in range(200):
+            sid = h.client.get_next_available_stream_id()
+            h.client.send_headers(sid, h.headers("bearer nope"), end_stream=False)
+            h.client.reset_stream(sid)
+        h.to_server()  # one read
+        self.assertEqual(h.goaway(h.to_client()), ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertTrue(h.closed_promptly())
+        self.assertLessEqual(h.server.conn.highest_inbound_stream_id, 2 * 10 - 1)
+
+    def test_a_first_flight_with_a_valid_token_is_read_whole(self):
+        h = Harness(self, Limits(unauthenticated_requests=10))
+        sids = [h.post("bearer " + h.jwt()) for _ in range(30)]
+        events = h.pump()
+        self.assertNotEqual(h.goaway(events), ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertFalse(h.transport.disconnecting)
+        self.assertEqual(h.status(events, sids[0]), 200)
+        self.assertGreater(h.server.conn.highest_inbound_stream_id, 2 * 10 - 1)
+
     def test_requests_per_second(self):
         """More requests in one second than allowed: GOAWAY ENHANCE_YOUR_CALM; below it: served."""
         h = self.authenticated(requests_per_second=50)
