@@ -52,15 +52,23 @@ def renew_bios(connection) -> bool:
 
 
 class LeanTLSProtocol(BufferingTLSTransport):
-    """Twisted's TLS transport, renewing its memory BIOs once the handshake is over."""
+    """
+    Twisted's TLS transport, renewing its memory BIOs once the handshake is over, and again
+    after any large read: a memory BIO keeps the capacity of the largest chunk ever written
+    to it, so a peer that once sent 64 KiB in one go (an HTTP/2 body flood before any token)
+    left ~64 KiB per connection behind for the connection's life.
+    """
 
     _biosRenewed = False
+    #: A read at least this large is followed by fresh BIOs (once they are drained).
+    BIG_READ = 16 * 1024
 
     def dataReceived(self, data):
         super().dataReceived(data)
-        if self._handshakeDone and not self._biosRenewed and not self._lostTLSConnection:
-            if renew_bios(self._tlsConnection):
-                self._biosRenewed = True
+        if self._handshakeDone and not self._lostTLSConnection:
+            if not self._biosRenewed or len(data) >= self.BIG_READ:
+                if renew_bios(self._tlsConnection):
+                    self._biosRenewed = True
 
 
 class LeanTLSFactory(TLSMemoryBIOFactory):
