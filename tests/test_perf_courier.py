@@ -215,9 +215,10 @@ class LeanTLSTests(unittest.TestCase):
     def setUp(self):
         self.pki = tls.load_or_create_pki(Path(self.mktemp()), ["localhost"])
 
-    def test_bios_renewed_after_handshake_and_traffic_flows(self):
+    def connected(self, server_protocol):
+        """A LeanTLS server and a TLS client, handshake done, over iosim."""
         server_factory = LeanTLSFactory(
-            self.pki.server_options(tls.COURIER_ALPN), False, protocol.Factory.forProtocol(_Echo),
+            self.pki.server_options(tls.COURIER_ALPN), False, protocol.Factory.forProtocol(server_protocol),
             clock=task.Clock())
         client_factory = TLSMemoryBIOFactory(
             tls.client_options("localhost", tls.cert_pem(self.pki.ca_cert), tls.COURIER_ALPN), True,
@@ -228,6 +229,10 @@ class LeanTLSTests(unittest.TestCase):
         client.write = client._aggregator._write
         server.write = server._aggregator._write
         _, _, pump = iosim.connectedServerAndClient(lambda: server, lambda: client, greet=True)
+        return server, client, pump
+
+    def test_bios_renewed_after_handshake_and_traffic_flows(self):
+        server, client, pump = self.connected(_Echo)
         self.assertTrue(server._biosRenewed)
         for i in range(3):
             client.write(b"ping %d " % i * 300)
@@ -238,17 +243,7 @@ class LeanTLSTests(unittest.TestCase):
         """A BIO keeps the capacity of the largest chunk written to it: after a large read the
         connection gets fresh ones (an HTTP/2 body flood left ~64 KiB per connection: 104 -> 60
         KiB per unauthenticated connection in bench/abuse.py); small reads keep theirs."""
-        server_factory = LeanTLSFactory(
-            self.pki.server_options(tls.COURIER_ALPN), False, protocol.Factory.forProtocol(_Collect),
-            clock=task.Clock())
-        client_factory = TLSMemoryBIOFactory(
-            tls.client_options("localhost", tls.cert_pem(self.pki.ca_cert), tls.COURIER_ALPN), True,
-            protocol.Factory.forProtocol(_Collect), clock=task.Clock())
-        server = server_factory.buildProtocol(None)
-        client = client_factory.buildProtocol(None)
-        client.write = client._aggregator._write
-        server.write = server._aggregator._write
-        _, _, pump = iosim.connectedServerAndClient(lambda: server, lambda: client, greet=True)
+        server, client, pump = self.connected(_Collect)
         bio = server._tlsConnection._into_ssl
         client.write(b"small")
         pump.flush()
