@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.logger import Logger
 
 from pushd import private
+from pushd.filewatch import FileWatch
 from pushd.gateway.router import Rejected
 
 #: APNs refuses a token whose iat is older than one hour.
@@ -123,10 +124,7 @@ class Authenticator:
     def __init__(self, path: Path, static_keys=(), clock=None):
         self.path = Path(path)
         self.static_keys = [k.encode() if isinstance(k, str) else k for k in static_keys]
-        self._clock = clock
-        self._mtime = None
-        self._bad_mtime = None  # the version of the file that failed to load
-        self._checked = None
+        self._watch = FileWatch((self.path,), clock)
         self._public: dict = {}
         self._teams: dict = {}  # team -> frozenset of the topics it may push to
         self._cache: OrderedDict = OrderedDict()  # token -> (team, iat)
@@ -137,21 +135,11 @@ class Authenticator:
         self._reload()
 
     def now(self) -> float:
-        return self._clock.seconds() if self._clock is not None else time.time()
+        return self._watch.now()
 
     def _reload(self, force=False):
         """Re-read providers.json if it changed (looked at no more than once a second, unless forced)."""
-        now = self.now()
-        if not force and self._checked is not None and now - self._checked < 1.0:
-            return
-        self._checked = now
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            mtime = None
-        except OSError:
-            mtime = -1  # unreadable: the load below says why
-        if mtime == self._mtime or mtime == self._bad_mtime:
+        if self._watch.changed(force) is None:
             return
         try:
             keys = ProviderKeys.load(self.path)
@@ -160,10 +148,8 @@ class Authenticator:
         except (ValueError, OSError) as e:
             # Malformed, or unreadable (written 0600 by another user): said once per change of
             # the file, however many unknown key ids ask for a fresh look.
-            self._bad_mtime = mtime
             self.log.error("keeping the previous provider keys: {why}", why=str(e))
             return
-        self._mtime = mtime
         self._public = public
         self._teams = {team: owned_topics(t.get("topics", [])) for team, t in keys.teams.items()}
         self._cache.clear()

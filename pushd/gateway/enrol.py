@@ -19,7 +19,6 @@ import json
 import re
 import secrets
 import sqlite3
-import time
 from pathlib import Path
 
 from cryptography import x509
@@ -30,6 +29,7 @@ from twisted.logger import Logger
 
 from pushd import tls
 from pushd.admission import address_key
+from pushd.filewatch import FileWatch
 from pushd.gateway.registry import Refusal
 from pushd.gateway.replay import MemoryReplayCache, nonce_key
 from pushd.store.interfaces import ReplayCacheFull
@@ -55,25 +55,19 @@ class EnrolSecrets:
 
     def __init__(self, state_dir: Path, clock=None):
         self.state_dir = Path(state_dir)
-        self._clock = clock
-        self._checked = None
-        self._stamp = None
+        self._watch = FileWatch((self.state_dir / "enrol.secret", self.state_dir / "enrol.secret.old"), clock)
         self._secrets: list = []
         self._old_until = None
         self._reload(force=True)
 
     def now(self) -> float:
-        return self._clock.seconds() if self._clock is not None else time.time()
+        return self._watch.now()
 
     def _reload(self, force=False):
-        now = self.now()
-        if not force and self._checked is not None and now - self._checked < 1.0:
+        stamp = self._watch.changed(force)
+        if stamp is None:
             return
-        self._checked = now
-        paths = (self.state_dir / "enrol.secret", self.state_dir / "enrol.secret.old")
-        stamp = tuple(p.stat().st_mtime_ns if p.exists() else None for p in paths)
-        if stamp == self._stamp:
-            return
+        paths = self._watch.paths
         try:
             current = _read_bounded(paths[0]).strip()
             old = old_until = None
@@ -81,9 +75,9 @@ class EnrolSecrets:
                 data = json.loads(_read_bounded(paths[1]))
                 old, old_until = data["secret"].encode("ascii"), float(data["until"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            # Said once per change of the files.
             self.log.error("keeping the previous enrolment secrets: {why}", why=repr(e))
             return
-        self._stamp = stamp
         self._secrets = [current] if current else []
         if old:
             self._secrets.append(old)
