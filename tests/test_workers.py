@@ -3,6 +3,8 @@ SO_REUSEPORT listener, the refusal on a store one process owns."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 
 from twisted.internet import defer, protocol, reactor
@@ -71,6 +73,19 @@ class StoreRefusal(unittest.TestCase):
         opts = tap.Options()
         opts.parseOptions(["--workers", "3", "--store", "redis://127.0.0.1:1/0"])
         self.assertEqual(opts.argv, ["--workers", "3", "--store", "redis://127.0.0.1:1/0"])
+
+    def test_reuse_port_with_workers_refused(self):
+        with self.assertRaisesRegex(usage.UsageError, r"--reuse-port runs this process as one of several"):
+            tap.Options().parseOptions(["--workers", "2", "--reuse-port", "--store", "redis://127.0.0.1:1/0"])
+
+    def test_state_created_under_a_lock(self):
+        """Processes starting at once on a fresh state directory take turns making the CA."""
+        state = self.mktemp()
+        with workers.state_lock(state):
+            fd = os.open(os.path.join(state, "state.lock"), os.O_RDWR)
+            self.addCleanup(os.close, fd)
+            self.assertRaises(BlockingIOError, fcntl.flock, fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the first is done
 
     def test_unshareable_listener_refused(self):
         opts = tap.Options()

@@ -26,7 +26,7 @@ from pushd.gateway.replay import DEFAULT_SIZE as DEFAULT_REPLAY_CACHE_SIZE, Memo
 from pushd.gateway.replay import DEFAULT_PER_DEVICE as DEFAULT_REPLAY_PER_DEVICE
 from pushd.gateway.ratelimit import Buckets
 from pushd.gateway.router import Router
-from pushd.gateway.workers import Supervisor, refuse_unshared_store
+from pushd.gateway.workers import Supervisor, refuse_reuse_port_supervisor, refuse_unshared_store, state_lock
 from pushd.gateway.tokens import TokenMinter
 from pushd.store import open_store
 from pushd.store.interfaces import StoreUnavailable
@@ -144,7 +144,8 @@ class Options(config.Options):
 
     def postOptions(self):
         super().postOptions()
-        refusal = refuse_unshared_store(self["workers"], self["store"])
+        refusal = (refuse_unshared_store(self["workers"], self["store"])
+                   or refuse_reuse_port_supervisor(self["workers"], self["reuse-port"]))
         if refusal:
             raise usage.UsageError(refusal)
 
@@ -220,8 +221,9 @@ def supervisor(options, reactor):
         except (ValueError, KeyError, TypeError) as e:
             raise usage.UsageError(f"--workers {options['workers']}: bad listener {desc!r}: {e}")
     state = Path(options["state-dir"])
-    tls.load_or_create_pki(state, list(options["hostname"]))
-    tls.secret_file(state / "token.secret")
+    with state_lock(state):
+        tls.load_or_create_pki(state, list(options["hostname"]))
+        tls.secret_file(state / "token.secret")
     try:
         DeviceRegistry(state / "devices.sqlite3").close()
     except RegistryError as e:
@@ -238,7 +240,9 @@ def makeService(options, reactor=None):
     if options["workers"] > 1:
         return supervisor(options, reactor)
     state = Path(options["state-dir"])
-    pki = tls.load_or_create_pki(state, list(options["hostname"]))
+    with state_lock(state):
+        pki = tls.load_or_create_pki(state, list(options["hostname"]))
+        token_secret = tls.secret_file(state / "token.secret")
     try:
         store = open_store(options["store"], state, options["queue-size"], reactor, options["sqlite-synchronous"])
     except (ValueError, StoreUnavailable) as e:
@@ -247,7 +251,7 @@ def makeService(options, reactor=None):
         registry = DeviceRegistry(state / "devices.sqlite3", legacy=bool(options["legacy-certs"]))
     except RegistryError as e:
         raise usage.UsageError(str(e))
-    router = Router(store, TokenMinter(tls.secret_file(state / "token.secret")), reactor, registry=registry)
+    router = Router(store, TokenMinter(token_secret), reactor, registry=registry)
 
     top = service.MultiService()
     StoreService(store, router).setServiceParent(top)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 
 from twisted.internet import protocol, stdio
@@ -94,8 +95,10 @@ def main(argv=None) -> int:
     reactor.callWhenRunning(top.startService)
     reactor.callWhenRunning(_stop_once_on_signals, reactor)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    # stdout stays the log's: the pipe's write side goes nowhere.
-    stdio.StandardIO(_Supervisor(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor)
+    if stat.S_ISFIFO(os.fstat(0).st_mode):
+        # Started by the supervisor (stdin a pipe; /dev/null or a terminal otherwise).
+        # stdout stays the log's: the watch's write side goes nowhere.
+        stdio.StandardIO(_Supervisor(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor)
     if signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, None):
         # Forwarded by the supervisor; the default action would kill the worker.
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(

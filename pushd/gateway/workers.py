@@ -18,6 +18,8 @@ by a hash of the connection's addresses and ports: the split was within a few pe
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import os
 import signal
 import sys
@@ -43,6 +45,33 @@ def refuse_unshared_store(workers: int, store: str):
                 " process (a notification one worker accepts would not reach a device connected to another):"
                 " use --store redis://HOST:PORT/DB (or --workers 1)")
     return None
+
+
+def refuse_reuse_port_supervisor(workers: int, reuse_port: bool):
+    """--reuse-port is one process of several (a pushd-gateway@.service instance); with
+    --workers N (from a config file, say) it would start N more."""
+    if workers > 1 and reuse_port:
+        return (f"--reuse-port runs this process as one of several sharing the ports, and --workers {workers}"
+                " would start more: use one or the other (pushd-gateway@.service instances need workers = 1)")
+    return None
+
+
+@contextlib.contextmanager
+def state_lock(state_dir):
+    """
+    Held while a gateway process creates or loads its state (CA, keys, secrets): workers
+    and pushd-gateway@ instances started at once on a fresh state directory would
+    otherwise each make a CA and overwrite each other's.
+    """
+    from pushd import private
+
+    private.ensure_dir(state_dir)
+    fd = os.open(os.path.join(state_dir, "state.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def worker_node_id(node_id, index: int):
