@@ -238,3 +238,29 @@ class ReusePort(unittest.TestCase):
         self.assertIsInstance(proxied._wrappedEndpoint, endpoints.ReusePortEndpoint)
         for bad in ("unix:/tmp/x", "systemd:domain=INET:index=0", "tcp:0", "tcp:443:bogus=1", "ssl:443"):
             self.assertRaises(ValueError, endpoints.reuse_port_endpoint, reactor, bad)
+
+
+class SystemdUnits(unittest.TestCase):
+    def test_units_verify(self):
+        """systemd-analyze verify on the template (instance 1) and the single unit, their
+        twistd path pointed at this Python's (no /usr/bin/twistd here)."""
+        import shutil
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        analyze = shutil.which("systemd-analyze")
+        if analyze is None:
+            raise unittest.SkipTest("systemd-analyze is not installed (Debian: systemd)")
+        root = Path(__file__).resolve().parent.parent / "systemd"
+        twistd = Path(sys.executable).with_name("twistd")
+        tmp = Path(self.mktemp())
+        tmp.mkdir()
+        for name in ("pushd-gateway@.service", "pushd-gateway.service"):
+            (tmp / name).write_text((root / name).read_text().replace("/usr/bin/twistd", str(twistd)))
+        template = (root / "pushd-gateway@.service").read_text()
+        self.assertIn("--reuse-port", template)
+        self.assertIn("KillMode=mixed", (root / "pushd-gateway.service").read_text())
+        for unit in ("pushd-gateway@1.service", "pushd-gateway.service"):
+            out = subprocess.run([analyze, "verify", f"./{unit}"], cwd=tmp, capture_output=True, text=True)
+            self.assertEqual((out.returncode, out.stderr.strip()), (0, ""), unit)
