@@ -123,6 +123,21 @@ class WorkerOptions(unittest.TestCase):
         self.assertEqual((opts["workers"], opts["reuse-port"]), (1, 1))
 
 
+    def test_second_sigterm_ignored(self):
+        """The supervisor's SIGTERM and systemd's/a terminal's: the handler runs once."""
+        import signal
+
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.addCleanup(lambda: [signal.signal(sig, h) for sig, h in saved.items()])
+        calls = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+        worker._stop_once_on_signals(FakeReactor())
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)
+        handler(signal.SIGTERM, None)
+        self.assertEqual(calls, [signal.SIGTERM])
+
+
 class SupervisorRestarts(unittest.TestCase):
     def test_starts_count_workers_with_their_index(self):
         sup, clock, spawn = supervisor(3)

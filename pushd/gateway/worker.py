@@ -50,17 +50,25 @@ def _stop_once_on_signals(reactor):
     """
     SIGTERM/SIGINT stop the worker once. It may get two: the supervisor forwards one, and
     systemd (KillMode=control-group) or a terminal signals the whole group as well; Twisted's
-    own handler would call reactor.stop() twice and log a ReactorNotRunning traceback.
+    own handler would call reactor.stop() twice and log a ReactorNotRunning traceback. The
+    handler already installed (Twisted's, or a drain's) is kept, and called once.
     """
     state = {"stopping": False}
 
-    def stop():
-        if not state["stopping"]:
+    def wrap(previous):
+        def handler(signum, frame):
+            if state["stopping"]:
+                return
             state["stopping"] = True
-            reactor.stop()
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                reactor.callFromThread(reactor.stop)
+
+        return handler
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: reactor.callFromThread(stop))
+        signal.signal(sig, wrap(signal.getsignal(sig)))
 
 
 def _format(event) -> str:
