@@ -125,11 +125,12 @@ class Options(config.Options):
          "SIGTERM (they drain); then SIGKILL.", config.within("worker-stop-timeout", float, 1)],
     ]
     optFlags = [
-        ["reuse-port", None, "Open tcp listeners with SO_REUSEPORT, so that several gateway processes share "
-                             "a port (set in --workers' processes; for pushd-gateway@.service instances)."],
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
         ["legacy-certs", None, "Accept device certificates of this CA missing from the device registry (issued "
                                "before it existed), and record them on first Connect."],
+        # --- workers (docs/workers.md) ---
+        ["reuse-port", None, "Open tcp listeners with SO_REUSEPORT, so that several gateway processes share "
+                             "a port (set in --workers' processes; for pushd-gateway@.service instances)."],
     ]
     multi = {
         "courier": ["tls:5223"],
