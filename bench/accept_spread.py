@@ -34,10 +34,12 @@ import json, os, socket, sys, time
 from twisted.internet import reactor, protocol, task
 mode, fd, port, work, busy = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 count = [0]
+last = [0.0]
 held = []
 class P(protocol.Protocol):
     def connectionMade(self):
         count[0] += 1
+        last[0] = time.time()
         end = time.perf_counter() + work / 1000
         while time.perf_counter() < end:
             pass
@@ -58,7 +60,12 @@ if busy:
             pass
     task.LoopingCall(spin).start(0.01)
 import signal
-signal.signal(signal.SIGUSR1, lambda *a: reactor.callFromThread(lambda: print(count[0], flush=True)))
+def report():
+    t = os.times()
+    print(json.dumps([count[0], last[0], t.user + t.system - cpu0]), flush=True)
+signal.signal(signal.SIGUSR1, lambda *a: reactor.callFromThread(report))
+t = os.times()
+cpu0 = t.user + t.system
 print("ready", flush=True)
 reactor.run()
 """
@@ -73,9 +80,8 @@ async def storm(port, n, concurrency):
             _, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(f"127.0.{1 + i // 250 % 250}.{2 + i % 250}", 0))
             writers.append(w)
 
-    t0 = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
-    return time.perf_counter() - t0, writers
+    return writers
 
 
 def run(mode, workers, n, concurrency, work, busy):
@@ -101,19 +107,22 @@ def run(mode, workers, n, concurrency, work, busy):
         assert p.stdout.readline().strip() == "ready"
     if shared is not None:
         shared.close()  # the workers hold it now
-    elapsed, writers = asyncio.run(storm(port, n, concurrency))
-    counts = [0] * workers
+    t0 = time.time()
+    writers = asyncio.run(storm(port, n, concurrency))
+    reports = [[0, 0.0, 0.0]] * workers
     deadline = time.monotonic() + 30
-    while sum(counts) < n and time.monotonic() < deadline:
+    while sum(r[0] for r in reports) < n and time.monotonic() < deadline:
         time.sleep(0.2)
         for p in procs:
             p.send_signal(signal.SIGUSR1)
-        counts = [int(p.stdout.readline()) for p in procs]
+        reports = [json.loads(p.stdout.readline()) for p in procs]
+    counts = [r[0] for r in reports]
     for p in procs:
         p.kill()
         p.wait()
     return {"mode": mode, "workers": workers, "connections": n, "work_ms": work, "busy": busy,
-            "storm_s": round(elapsed, 2), "per_worker": counts}
+            "all_accepted_s": round(max(r[1] for r in reports) - t0, 2), "per_worker": counts,
+            "worker_cpu_s": [round(r[2], 2) for r in reports]}
 
 
 def main():

@@ -5,14 +5,13 @@ that dies (with backoff, at a bounded rate), and forwards SIGTERM/SIGHUP to them
 no store and no connection: it only spawns, relays the workers' log lines and waits.
 
 Why SO_REUSEPORT (each worker opens its own socket on the port) and not one socket opened
-here and inherited by every worker: measured with ``bench/accept_spread.py`` on this 2-core
-machine (docs/workers.md has the table). On a shared, inherited socket every worker's epoll
-wakes for each new connection and the one that wins accepts a whole burst (Twisted accepts
-up to ``numberAccepts``, 100 and growing, per wake-up): 2,000 connections in a storm went
-about 1,7xx to one worker and 2xx to the other, so per-worker caps (``--max-connections``)
-refuse devices while the other worker idles. With SO_REUSEPORT the kernel picks the socket
-by a hash of the connection's addresses and ports: the split was within a few percent of
-1:1 in every run, whatever the workers were busy with.
+here and inherited by every worker, measured with ``bench/accept_spread.py`` (2 workers on
+this 2-core machine, a storm of 4,000 connections, 1 ms of CPU per accept): both ways split
+the storm within 4% of 1:1 and cost the workers the same CPU (2.0 s each), but with
+SO_REUSEPORT the last connection was accepted after 2.3-2.6 s, on the shared socket after
+3.55-3.87 s (every worker wakes for every connection and all but one find nothing). And it
+needs no parent holding the ports: systemd template instances run the same way.
+docs/workers.md has the table and what happens when a worker dies.
 """
 
 from __future__ import annotations
