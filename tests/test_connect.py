@@ -210,7 +210,7 @@ class HeldBytesTests(unittest.TestCase):
         self.cache.calls[0].callback(False)
         self.assertEqual(frames_of(t.value())[0].status, wire.STATUS_OK)
         self.assertFalse(t.disconnecting, self.log.reasons())
-        self.assertEqual(p.topics, {TH})
+        self.assertEqual(p.session.topics, {TH})
 
 
 class CourierUsesTheRouterTests(unittest.TestCase):
