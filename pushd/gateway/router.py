@@ -1,7 +1,10 @@
 """
-Accept -> persist -> wake. The provider API hands notifications here; the courier
-connections register here. A wake carries no payload: the connection reads what is
-pending from the store, so a device that connects between persist and wake loses nothing.
+Accept -> persist -> wake. The provider API hands notifications here; the devices'
+sessions (ISession, pushd/gateway/session.py) attach here. A wake carries no payload: the
+session reads what is pending from the store, so a device that connects between persist
+and wake loses nothing. Refusals are domain errors (pushd/gateway/errors.py); their HTTP
+statuses are the provider API's business. The courier reaches the store and the tokens
+through the router only.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class Router:
 
     def __init__(self, store, tokens, clock=None, node="local", registry=None):
         self.store = store
-        #: The device registry (IDeviceRegistry): pushes to revoked devices answer 410.
+        #: The device registry (IDeviceRegistry): pushes to revoked devices are refused (Unregistered).
         self.registry = registry
         self.tokens = tokens
         self._clock = clock
@@ -62,7 +65,7 @@ class Router:
         self._epochs = itertools.count(1)
         self.accepted = 0
         self.dropped_offline = 0
-        #: Set when the gateway stops: providers get 503 Shutdown and go elsewhere.
+        #: Set when the gateway stops: pushes are refused (ShuttingDown), providers go elsewhere.
         self.shutting_down = False
 
     def now(self) -> float:
@@ -192,5 +195,5 @@ class Router:
         return self.store.revalidate(token)
 
     def invalidate(self, token: bytes, when: float):
-        """A device unregistered a topic: pushes to its token answer 410 from ``when``."""
+        """A device unregistered a topic: pushes to its token are refused (Unregistered) from ``when``."""
         return self.store.invalidate(token, when)
