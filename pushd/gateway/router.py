@@ -59,10 +59,11 @@ class Router:
         self.tokens = tokens
         self._clock = clock
         self.node = node
+        # Session epochs: from the start time in ms, so that a node restarted under the same
+        # --node-id never reuses one (a stale kick must not close a new session).
+        self._epochs = itertools.count(int(self.now() * 1000))
         #: device id -> its ISession on this node.
         self.sessions: dict = {}
-        #: The epochs given to attached sessions: increasing for the life of the node.
-        self._epochs = itertools.count(1)
         self.accepted = 0
         self.dropped_offline = 0
         #: Set when the gateway stops: pushes are refused (ShuttingDown), providers go elsewhere.
