@@ -1,0 +1,154 @@
+"""
+Everything pushd knows about txredisapi's insides (pinned: ``txredisapi>=1.6,<1.7``).
+
+The store needs four things txredisapi does not offer as API: to be told when a pool
+connection becomes ready (to load the scripts on it, and to tell the cluster that the
+master is (re)connected: a failover), whether the pool has given up reconnecting, its live
+connections, and to send an already encoded command and get its reply. The last is the
+fast path: ``execute_command`` encodes every argument through four isinstance tests and a
+bytearray per call (50 us for an enqueue's 16 arguments, measured), and ``eval`` hashes the
+script text on every call; pushd encodes its few commands itself and writes them at once,
+several in one write where their replies are independent (EVALSHA then WAIT).
+
+Replies are parsed by hiredis (C) when it is installed: txredisapi picks ``HiredisProtocol``
+by itself then, and ``self_check`` says whether it did.
+"""
+
+from __future__ import annotations
+
+import txredisapi
+from twisted.internet.endpoints import HostnameEndpoint
+
+#: The txredisapi releases this module was written against: [low, high).
+SUPPORTED = ((1, 6), (1, 7))
+
+
+def version() -> tuple:
+    return tuple(int(p) for p in txredisapi.__version__.split(".")[:2])
+
+
+class _Hooked:
+    """A pool factory that calls ``on_connection(conn)`` once a connection is ready and in the pool."""
+
+    on_connection = None
+
+    def addConnection(self, conn):
+        super().addConnection(conn)
+        if self.on_connection is not None and conn in self.pool:
+            self.on_connection(conn)
+
+
+class _PlainFactory(_Hooked, txredisapi.RedisFactory):
+    pass
+
+
+class _SentinelFactory(_Hooked, txredisapi.SentinelConnectionFactory):
+    pass
+
+
+class Pool:
+    """A txredisapi connection pool, seen through what the store needs and nothing more."""
+
+    def __init__(self, factory, sentinel=None):
+        self._factory = factory
+        self._sentinel = sentinel
+
+    @property
+    def gave_up(self) -> bool:
+        """txredisapi stopped reconnecting for good (a connection lost during AUTH or SELECT)."""
+        return self._factory.stopped
+
+    def connections(self) -> list:
+        """The connections ready for commands now."""
+        return [c for c in self._factory.pool if c.connected]
+
+    def on_failure(self, callback):
+        """``callback(failure)`` if the pool gives up before it is full once."""
+        if self._factory.deferred is not None:
+            self._factory.deferred.addErrback(callback)
+
+    def disconnect(self):
+        from twisted.internet import defer
+
+        ds = [self._factory.disconnect()]
+        if self._sentinel is not None:
+            ds.append(self._sentinel.disconnect())
+        return defer.gatherResults(ds, consumeErrors=True)
+
+
+def _factory_kwargs(password, username):
+    return {
+        "charset": None,
+        "convertNumbers": False,
+        "password": password,
+        "username": username,
+        "isLazy": True,
+    }
+
+
+def plain_pool(reactor, host, port, *, dbid, poolsize, password, username, connect_timeout, on_connection):
+    factory = _PlainFactory(f"{host}:{port}", dbid, poolsize, handler=txredisapi.ConnectionHandler,
+                            **_factory_kwargs(password, username))
+    factory.on_connection = on_connection
+    factory.startConnecting(HostnameEndpoint(reactor, host, port, timeout=connect_timeout))
+    return Pool(factory)
+
+
+def sentinel_pool(sentinels, service, *, dbid, poolsize, password, username, connect_timeout, on_connection,
+                  discovery_timeout):
+    """
+    A pool on the master Sentinel names for ``service``: every (re)connection asks the
+    sentinels first, and connections to a node that is no longer the master are dropped.
+    """
+    manager = txredisapi.Sentinel(sentinels, connectTimeout=connect_timeout)
+    # How long a master look-up waits for a sentinel that knows a healthy master (default 10 s:
+    # a failover would keep every node silent that much longer).
+    manager.discovery_timeout = discovery_timeout
+    factory = _SentinelFactory(manager, service, True, uuid=None, dbid=dbid, poolsize=poolsize,
+                               **_factory_kwargs(password, username))
+    factory.on_connection = on_connection
+    factory.startConnecting(txredisapi._SentinelEndpoint(factory))
+    return Pool(factory, manager)
+
+
+def send(conn, command: bytes, replies: int = 1):
+    """
+    Write ``command`` (one or more encoded commands, pipelined) and return a Deferred per
+    reply, in order. A reply that is an error fires its Deferred's errback.
+    """
+    queue = conn.replyQueue
+    ds = [queue.get().addCallback(conn.handle_reply) for _ in range(replies)]
+    conn.transport.write(command)
+    return ds
+
+
+def self_check() -> list:
+    """What in the installed txredisapi differs from what this module relies on ([] if nothing)."""
+    problems = []
+    if not SUPPORTED[0] <= version() < SUPPORTED[1]:
+        problems.append(f"txredisapi {txredisapi.__version__} is outside the supported range "
+                        f"{'.'.join(map(str, SUPPORTED[0]))} to {'.'.join(map(str, SUPPORTED[1]))}")
+    for cls, names in ((txredisapi.RedisFactory, ("addConnection", "startConnecting", "disconnect", "pool",
+                                                  "stopped", "deferred")),
+                       (txredisapi.SentinelConnectionFactory, ("addConnection",)),
+                       (txredisapi.Sentinel, ("discovery_timeout", "disconnect")),
+                       (txredisapi.BaseRedisProtocol, ("handle_reply",))):
+        probe = cls
+        if cls is txredisapi.RedisFactory:
+            probe = cls("x", None, 1)
+        for name in names:
+            if not hasattr(probe, name):
+                problems.append(f"txredisapi.{cls.__name__} has no {name}")
+    if not hasattr(txredisapi, "_SentinelEndpoint"):
+        problems.append("txredisapi has no _SentinelEndpoint")
+    proto = txredisapi.RedisProtocol(charset=None)
+    if not hasattr(proto, "replyQueue") or not hasattr(proto.replyQueue, "get"):
+        problems.append("a txredisapi protocol has no replyQueue to wait on")
+    try:
+        import hiredis  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        if txredisapi.RedisFactory.protocol is not txredisapi.HiredisProtocol:
+            problems.append("hiredis is installed but txredisapi does not parse replies with it")
+    return problems
