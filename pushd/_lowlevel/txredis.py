@@ -42,8 +42,16 @@ class _PlainFactory(_Hooked, txredisapi.RedisFactory):
     pass
 
 
+class _SentinelProtocol(txredisapi.SentinelRedisProtocol):
+    """Its connectionMade drops a connection unless ROLE's first item == "master" (a str);
+    the store reads bytes (charset None), so the role is decoded here."""
+
+    def role(self):
+        return super().role().addCallback(lambda r: [r[0].decode() if isinstance(r[0], bytes) else r[0], *r[1:]])
+
+
 class _SentinelFactory(_Hooked, txredisapi.SentinelConnectionFactory):
-    pass
+    protocol = _SentinelProtocol
 
 
 class Pool:
@@ -107,6 +115,10 @@ def sentinel_pool(sentinels, service, *, dbid, poolsize, password, username, con
     factory = _SentinelFactory(manager, service, True, uuid=None, dbid=dbid, poolsize=poolsize,
                                **_factory_kwargs(password, username))
     factory.on_connection = on_connection
+    # Its reconnect backoff grows to 10 s while Sentinel has no master to name (the failover's
+    # first seconds), and a node would then stay silent up to 10 s after the new master is
+    # there: look again at least every 2 s. (Also its connect timeout: ample on a LAN.)
+    factory.maxDelay = 2.0
     factory.startConnecting(txredisapi._SentinelEndpoint(factory))
     return Pool(factory, manager)
 
@@ -130,7 +142,8 @@ def self_check() -> list:
                         f"{'.'.join(map(str, SUPPORTED[0]))} to {'.'.join(map(str, SUPPORTED[1]))}")
     for cls, names in ((txredisapi.RedisFactory, ("addConnection", "startConnecting", "disconnect", "pool",
                                                   "stopped", "deferred")),
-                       (txredisapi.SentinelConnectionFactory, ("addConnection",)),
+                       (txredisapi.SentinelConnectionFactory, ("addConnection", "maxDelay", "retryDelay")),
+                       (txredisapi.SentinelRedisProtocol, ("role", "connectionMade")),
                        (txredisapi.Sentinel, ("discovery_timeout", "disconnect")),
                        (txredisapi.BaseRedisProtocol, ("handle_reply",))):
         probe = cls

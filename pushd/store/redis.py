@@ -222,9 +222,6 @@ _ENQUEUE, _PENDING, _ACK, _ACK_MANY, _EXPIRE, _CLAIM, _RELEASE = (
 )
 
 
-URL_FORMS = "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or redis-sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER[/DB]"
-
-
 def parse_url(url: str):
     """redis://[[user]:password@]host[:port][/db] -> (host, port, db, user, password)."""
     parts = urlsplit(url)
