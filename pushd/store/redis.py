@@ -147,22 +147,17 @@ for i = 4, #ARGV do
   end
 end
 table.sort(picked, function(a, b) return a[1] < b[1] end)
--- One bulk string of length-prefixed fields, not nested arrays: the gateway then parses one
--- reply per call, not nine per message (txredisapi's reply parser is Python, line by line).
+-- One bulk string, not nested arrays: per message a header of its nine field lengths, then
+-- the fields. The gateway unpacks the header in one call and slices (absent: 2^32-1, no bytes).
 local out = {}
 for i = 1, math.min(limit, #picked) do
   local mid = picked[i][2]
   local f = redis.call('HMGET', base .. 'm:' .. mid,
                        'token', 'topic', 'th', 'payload', 'exp', 'pri', 'cid', 'rcv')
-  out[#out + 1] = struct.pack('>I4', #mid) .. mid
-  for k = 1, 8 do
-    local v = f[k]
-    if v then
-      out[#out + 1] = struct.pack('>I4', #v) .. v
-    else
-      out[#out + 1] = struct.pack('>I4', 4294967295)  -- absent (no collapse id)
-    end
-  end
+  local cid = f[7]
+  out[#out + 1] = struct.pack('>I4I4I4I4I4I4I4I4I4', #mid, #f[1], #f[2], #f[3], #f[4], #f[5], #f[6],
+                              cid and #cid or 4294967295, #f[8])
+  out[#out + 1] = mid .. f[1] .. f[2] .. f[3] .. f[4] .. f[5] .. f[6] .. (cid or '') .. f[8]
 end
 return table.concat(out)
 """
@@ -282,25 +277,30 @@ def parse_sentinel_url(url: str):
     return sentinels, unquote(segments[0]), db, user, password
 
 
-_LEN = struct.Struct(">I")
+_HEAD = struct.Struct(">9I")
 _ABSENT = 0xFFFFFFFF
 
 
 def _unpack(blob) -> list:
-    """_PENDING's reply: messages of nine length-prefixed fields each."""
-    rows, fields, pos, n = [], [], 0, len(blob or b"")
-    while pos < n:
-        (size,) = _LEN.unpack_from(blob, pos)
-        pos += 4
-        if size == _ABSENT:
-            fields.append(None)
-        else:
-            fields.append(blob[pos:pos + size])
-            pos += size
-        if len(fields) == 9:
-            rows.append(fields)
-            fields = []
-    if fields or pos != n:
+    """_PENDING's reply: per message nine field lengths, then the nine fields."""
+    rows, pos, n = [], 0, len(blob or b"")
+    head, absent = _HEAD, _ABSENT
+    try:
+        while pos < n:
+            lens = head.unpack_from(blob, pos)
+            pos += 36
+            row = []
+            for size in lens:
+                if size == absent:
+                    row.append(None)
+                else:
+                    end = pos + size
+                    row.append(blob[pos:end])
+                    pos = end
+            rows.append(row)
+    except struct.error:
+        pos = -1
+    if pos != n:
         raise StoreUnavailable("Redis returned a malformed pending list")
     return rows
 
