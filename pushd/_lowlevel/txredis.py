@@ -123,15 +123,16 @@ def sentinel_pool(sentinels, service, *, dbid, poolsize, password, username, con
     return Pool(factory, manager)
 
 
-def send(conn, command: bytes, replies: int = 1):
+def send_to(conn, command: bytes, waiters) -> None:
     """
-    Write ``command`` (one or more encoded commands, pipelined) and return a Deferred per
-    reply, in order. A reply that is an error fires its Deferred's errback.
+    Write ``command`` (one or more encoded commands, pipelined); each waiter's
+    ``callback(reply)`` is called with its reply, in order: an Exception instance for an error
+    reply or a lost connection. The waiters go straight into the protocol's reply queue
+    (a DeferredQueue whose ``put`` pops ``waiting[0]`` and calls ``.callback``), so a command
+    costs no Deferred of txredisapi's.
     """
-    queue = conn.replyQueue
-    ds = [queue.get().addCallback(conn.handle_reply) for _ in range(replies)]
+    conn.replyQueue.waiting.extend(waiters)
     conn.transport.write(command)
-    return ds
 
 
 def self_check() -> list:
@@ -155,8 +156,20 @@ def self_check() -> list:
     if not hasattr(txredisapi, "_SentinelEndpoint"):
         problems.append("txredisapi has no _SentinelEndpoint")
     proto = txredisapi.RedisProtocol(charset=None)
-    if not hasattr(proto, "replyQueue") or not hasattr(proto.replyQueue, "get"):
-        problems.append("a txredisapi protocol has no replyQueue to wait on")
+    queue = getattr(proto, "replyQueue", None)
+    if not isinstance(getattr(queue, "waiting", None), list) or not hasattr(queue, "put"):
+        problems.append("a txredisapi protocol has no replyQueue with a waiting list to wait on")
+    else:
+        # A reply is handed to the first waiter's callback, errors as Exception instances.
+        got = []
+
+        class Waiter:
+            callback = got.append
+
+        queue.waiting.append(Waiter())
+        proto.replyReceived(txredisapi.ResponseError("probe"))
+        if len(got) != 1 or not isinstance(got[0], txredisapi.ResponseError):
+            problems.append("txredisapi's reply queue does not hand replies to the waiters in order")
     try:
         import hiredis  # noqa: F401
     except ImportError:

@@ -38,7 +38,6 @@ from urllib.parse import unquote, urlsplit
 import txredisapi
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pushd._lowlevel import txredis
@@ -338,15 +337,39 @@ def _sha(script: bytes) -> bytes:
 
 
 class _Op:
-    """One store operation: its command, its caller's Deferred, where and when it was sent."""
+    """
+    One store operation: its command, its caller's Deferred, where and when it was sent. It
+    waits for its reply itself (``callback``, in the connection's reply queue), not through
+    a Deferred of its own: two Deferreds and their callbacks fewer per operation.
+    """
 
-    __slots__ = ("script", "args", "nkeys", "device", "result", "deadline", "conn", "wait")
+    __slots__ = ("store", "script", "args", "nkeys", "device", "result", "deadline", "conn", "wait", "reply")
 
-    def __init__(self, script, args, nkeys, device, deadline, wait):
-        self.script, self.args, self.nkeys, self.device = script, args, nkeys, device
+    def __init__(self, store, script, args, nkeys, device, deadline, wait):
+        self.store, self.script, self.args, self.nkeys, self.device = store, script, args, nkeys, device
         self.deadline, self.wait = deadline, wait
         self.result = defer.Deferred()
-        self.conn = None
+        self.conn = self.reply = None
+
+    def callback(self, reply):
+        """A reply (an Exception instance for an error or a lost connection), in send order."""
+        if self.wait and self.reply is None:
+            self.reply = (reply,)  # the enqueue's; WAIT's comes next
+            return
+        self.store._replied(self, reply)
+
+
+class _ScriptLoaded:
+    """Waits for a SCRIPT LOAD's reply: on an error the script is loaded again on next use."""
+
+    __slots__ = ("loaded", "sha")
+
+    def __init__(self, loaded, sha):
+        self.loaded, self.sha = loaded, sha
+
+    def callback(self, reply):
+        if isinstance(reply, Exception):
+            self.loaded.discard(self.sha)
 
 
 @implementer(IMessageStore, ITokenRegistry, IPresence)
@@ -491,7 +514,7 @@ class RedisStore:
                 # waiters (and their payloads) for the whole outage.
                 return defer.fail(StoreUnavailable(f"no connection to Redis at {self.address} "
                                                    f"for {now - self._down_since:.0f}s"))
-        op = _Op(script, args, nkeys, device, now + self.timeout, wait)
+        op = _Op(self, script, args, nkeys, device, now + self.timeout, wait)
         self._waiting.append(op)
         if len(self._waiting) == 1:
             self._dispatch()
@@ -541,7 +564,7 @@ class RedisStore:
     def _send(self, op, conn):
         op.conn = conn
         self._inflight += 1
-        replies = 1
+        waiters = [op]
         if op.script is not None:
             sha = _sha(op.script)
             loaded = self._loaded.get(conn)
@@ -555,44 +578,35 @@ class RedisStore:
                 # round trip, and no NOSCRIPT retry that could let a later command overtake.
                 loaded.add(sha)
                 command = _encode(b"SCRIPT", b"LOAD", op.script) + _encode(b"EVALSHA", sha, b"%d" % op.nkeys, *op.args)
-                replies = 2
+                waiters.insert(0, _ScriptLoaded(loaded, sha))
         else:
             command = _encode(*op.args)
         if op.wait:
+            # Pipelined behind the write: WAIT counts the replicas that have everything this
+            # connection wrote so far, the enqueue included.
             command += self._wait_command
-            replies += 1
+            waiters.append(op)
         sent = self._sent.get(conn)
         if sent is None:
             sent = self._sent[conn] = collections.deque()
         sent.append(op)
         try:
-            ds = txredis.send(conn, command, replies)
-        except Exception:
-            self._answered(op, Failure())
-            return
-        if replies > 1 and op.script is not None and len(ds) - op.wait == 2:
-            ds[0].addErrback(lambda f: loaded.discard(sha) and None)
-            ds = ds[1:]
+            txredis.send_to(conn, command, waiters)
+        except Exception as e:
+            self._answered(op, e)
+
+    def _replied(self, op, reply):
         if op.wait:
-            ds[0].addCallbacks(self._written, self._answered, (op, ds[1]), None, (op,))
-        else:
-            ds[0].addBoth(self._answered_both, op)
-
-    def _written(self, reply, op, waited):
-        """The push is applied on the master; its answer waits for WAIT's."""
-        waited.addBoth(self._replicated, op, reply)
-
-    def _replicated(self, outcome, op, reply):
-        if isinstance(outcome, Failure):
-            return self._answered(op, outcome)
-        if int(outcome) < self.wait:
-            return self._answered(op, Failure(StoreUnavailable(
-                f"Redis at {self.address}: {int(outcome)} of --redis-wait {self.wait} replicas "
-                f"acknowledged the write within {self.timeout / 2:g}s")))
+            (written,) = op.reply
+            if isinstance(written, Exception):
+                reply = written
+            elif not isinstance(reply, Exception) and int(reply) < self.wait:
+                reply = StoreUnavailable(
+                    f"Redis at {self.address}: {int(reply)} of --redis-wait {self.wait} replicas "
+                    f"acknowledged the write within {self.timeout / 2:g}s")
+            elif not isinstance(reply, Exception):
+                reply = written
         self._answered(op, reply)
-
-    def _answered_both(self, outcome, op):
-        self._answered(op, outcome)
 
     def _answered(self, op, outcome):
         conn = op.conn
@@ -613,11 +627,8 @@ class RedisStore:
                     del self._pins[op.device]
         result = op.result
         if not result.called:
-            if isinstance(outcome, Failure):
-                try:
-                    result.errback(self._unavailable(outcome, conn))
-                except Exception:
-                    result.errback()
+            if isinstance(outcome, Exception):
+                result.errback(self._unavailable(outcome, conn))
             else:
                 result.callback(outcome)
         # else: the caller has had its answer (a timeout); this late one goes nowhere.
@@ -651,16 +662,16 @@ class RedisStore:
     def _late(self):
         return f"Redis at {self.address} did not answer within {self.timeout:g}s"
 
-    def _unavailable(self, failure, conn):
-        if failure.check(txredisapi.ConnectionError):  # TimeoutError too
-            return StoreUnavailable(f"Redis at {self.address}: {failure.getErrorMessage()}")
-        if failure.check(txredisapi.ResponseError):  # LOADING, OOM, MISCONF, BUSY, READONLY, NOSCRIPT...
-            why = failure.getErrorMessage()
+    def _unavailable(self, error, conn):
+        if isinstance(error, txredisapi.ConnectionError):  # TimeoutError too
+            return StoreUnavailable(f"Redis at {self.address}: {error}")
+        if isinstance(error, txredisapi.ResponseError):  # LOADING, OOM, MISCONF, BUSY, READONLY, NOSCRIPT...
+            why = str(error)
             if why.startswith("NOSCRIPT"):
                 # Someone ran SCRIPT FLUSH: load them again on this connection's next use.
                 self._loaded.pop(conn, None)
             return StoreUnavailable(f"Redis at {self.address} refused: {why}")
-        return failure
+        return error
 
     def _script(self, script, keys, args, device=None, wait=False):
         return self._call(script, (*keys, *args), len(keys), device, wait)
