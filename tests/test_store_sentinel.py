@@ -111,6 +111,7 @@ class SentinelFailoverTests(unittest.TestCase):
             break
         self.assertIn((yield sentinel.master_port()), ports, "Sentinel promoted a replica")
         self.assertGreaterEqual(len(masters), 2, "the (re)connection to the new master was announced")
+        self.assertEqual(store.master, ("127.0.0.1", (yield sentinel.master_port())))
         got = yield store.pending(DEV, {acked[0].topic_hash}, 1000, NOW)
         # Every push answered is there, in order. Pushes refused because WAIT found no replica
         # in time may be there too (applied on the master, not yet replicated): a provider's

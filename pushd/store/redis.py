@@ -464,6 +464,12 @@ class RedisStore:
         self._listeners.append(callback)
         return lambda: self._listeners.remove(callback) if callback in self._listeners else None
 
+    @property
+    def master(self):
+        """(host, port) of the server the pool last connected to (with Sentinel: the master
+        it named), or None before the first connection: where a subscriber connects too."""
+        return self._master
+
     def _connected(self, conn):
         """A pool connection is ready (txredisapi's hook, pushd._lowlevel.txredis)."""
         if self._closing is not None:
