@@ -404,6 +404,7 @@ class RedisStore:
         self.per_topic = per_topic
         self.reactor = reactor
         self.timeout = timeout
+        self.url = url
         #: Replicas that must have an accepted push before it is answered (WAIT); 0: none.
         self.wait = wait
         # WAIT's own limit: half the store timeout, so that WAIT answers (with fewer replicas)
