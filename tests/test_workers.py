@@ -65,6 +65,7 @@ class StoreRefusal(unittest.TestCase):
             self.assertIn("--store redis://HOST:PORT/DB", why)
             self.assertNotIn("\n", why)
         self.assertIsNone(workers.refuse_unshared_store(2, "redis://127.0.0.1:6379/0"))
+        self.assertIsNone(workers.refuse_unshared_store(2, "redis-sentinel://10.0.0.1:26379/pushd/0"))
         self.assertIsNone(workers.refuse_unshared_store(1, "sqlite"))
 
     def test_refused_when_options_are_parsed(self):
