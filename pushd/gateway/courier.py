@@ -45,7 +45,7 @@ class CourierServerProtocol(Protocol):
     __slots__ = (
         "factory", "transport", "connected", "decoder", "device_id", "base_token", "topics",
         "inflight", "declined", "_acking", "paused", "_pumping", "_again", "_closing",
-        "_deadline", "_wheelslot", "_acked", "_proving",
+        "_deadline", "_wheelslot", "_acked", "_proving", "pushd",
     )
 
     def __init__(self):
@@ -76,6 +76,8 @@ class CourierServerProtocol(Protocol):
         #: bytes that came meanwhile (reading is paused), at most --connect-budget of them,
         #: handled once it is answered.
         self._proving = None
+        #: The device is pushd's (its Connect carried field 32): it takes pushd's commands.
+        self.pushd = False
 
     @property
     def peer(self) -> str:
@@ -91,6 +93,7 @@ class CourierServerProtocol(Protocol):
         # Until Connect, a frame may be no larger than a real Connect needs.
         self.decoder.max_frame = f.connect_budget
         self.transport.registerProducer(self, True)
+        f.connections += 1
         f.churned()
         # Counted until Connect (or the end): pre-Connect connections cannot fill the
         # total cap, so connected devices always find room (--max-unauthenticated).
@@ -115,19 +118,25 @@ class CourierServerProtocol(Protocol):
         self._closing = True
         self.connected = 0
         self._proving = None
-        self.factory.churned()
+        f = self.factory
+        f.connections -= 1
         if self.device_id is None:
-            self.factory.unauthenticated -= 1
+            f.unauthenticated -= 1
         else:
-            self.factory.router.detach(self.device_id, self)
+            f.router.detach(self.device_id, self)
+            if f.drained is not None:  # one summary line for all (CourierFactory.drain)
+                f.drained["unacked"] += len(self.inflight) - len(self._acking)
+                f.churned()
+                return
             self.log.info(
                 "device {device} disconnected ({inflight} unacked kept)",
                 device=self.device_id,
                 inflight=len(self.inflight) - len(self._acking),
             )
+        f.churned()
 
     def timeoutConnection(self):
-        if self._closing:
+        if self._closing or self.factory.drained is not None:
             pass  # closed for a reason already logged; its TLS close did not finish in time
         elif self.device_id is None:
             # Anyone can open connections and stay silent: counted, one line a second.
@@ -269,6 +278,7 @@ class CourierServerProtocol(Protocol):
             server_time=int(f.clock.seconds() * 1000),
         )
         if msg.pushd_version:
+            self.pushd = True
             ack.keepalive_interval = f.keepalive_interval
         self.send(ack)
         f.router.attach(device_id, self)
@@ -382,6 +392,26 @@ class CourierServerProtocol(Protocol):
         self.log.info("device {device} revoked: closing its session", device=self.device_id)
         self._closing = True
         self._close()
+
+    def go_away(self, window_ms: int):
+        """
+        The gateway drains: nothing more is sent; a pushd device is told GoAway (reconnect
+        now, within ``window_ms``) and, with nothing in flight, closed at once; with
+        notifications in flight, it sends their acks and closes itself (the drain's timeout
+        bounds that). Any other client is closed at once: what it has not acked stays
+        stored. Return "told", "closed", or None (closing already).
+        """
+        if self._closing:
+            return None
+        self.topics = _NONE  # the pump stops; a wake finds nothing wanted
+        told = self.device_id is not None and self.pushd
+        if told:
+            self.send(wire.GoAway(window_ms=window_ms))
+            if len(self.inflight) > len(self._acking):
+                return "told"
+        self._closing = True
+        self._close()
+        return "told" if told else "closed"
 
     def pauseProducing(self):
         self.paused = True
@@ -512,6 +542,11 @@ class CourierFactory(Factory):
         #: Returns the heap's free pages to the OS once a burst of connections is over.
         self.heap = HeapTrimmer(self.clock)
         self.window = window
+        #: Live connections (authenticated or not).
+        self.connections = 0
+        #: While draining (drain()): counts for its summary line, else None.
+        self.drained = None
+        self._drain_done = self._drain_timer = None
         self.protocol_errors = 0
         self.auth_failures = 0
         self.delivered = 0
@@ -543,6 +578,42 @@ class CourierFactory(Factory):
         """A connection came or went."""
         if self.numPorts:  # listening (not a factory driven by hand, nor one stopped)
             self.heap.poke()
+        if self._drain_done is not None and not self.connections:
+            self._drained_all()
+
+    def drain(self, window: float, timeout: float):
+        """
+        The gateway stops (its listeners are closed): every connection is told to go
+        (CourierServerProtocol.go_away) and closed; fire with the counts (told, closed,
+        unacked, aborted) once none is left, connections still open after ``timeout``
+        seconds aborted. Nothing is logged per connection.
+        """
+        self.drained = counts = {"told": 0, "closed": 0, "unacked": 0, "aborted": 0}
+        self._drain_done = done = defer.Deferred()
+        window_ms = int(window * 1000)
+        for p in self.deadlines.members():
+            what = p.go_away(window_ms)
+            if what is not None:
+                counts[what] += 1
+        self._drain_timer = self.clock.callLater(timeout, self._drain_late)
+        if not self.connections:
+            self._drained_all()
+        return done
+
+    def _drain_late(self):
+        self._drain_timer = None
+        for p in self.deadlines.members():
+            if p.connected:
+                self.drained["aborted"] += 1
+                p.transport.abortConnection()
+        self._drained_all()
+
+    def _drained_all(self):
+        done, self._drain_done = self._drain_done, None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        done.callback(self.drained)
 
     def stopFactory(self):
         # The last listener using this factory stopped: no timer may outlive it.

@@ -36,6 +36,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, StreamClosedError
 from h2.settings import SettingCodes
+from hyperframe.frame import GoAwayFrame
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -69,6 +70,10 @@ _check_h2_internals()
 ABORT_AFTER = 15
 #: The same after a hostile close (protocol error, too many requests or resets, late headers).
 ABORT_HOSTILE = 2
+#: Drain: seconds between the first GOAWAY (no new streams) and the last one (RFC 9113 6.8:
+#: at least a round trip, for the streams the client opened before it read the first).
+GOAWAY_GRACE = 0.25
+_SHUTDOWN = b'{"reason":"Shutdown"}'
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
 _END_STREAM, _PADDED = 0x1, 0x8
 _PREFACE = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -206,6 +211,7 @@ class ProviderH2(Protocol):
         self._deadline_call = None
         self._body_call = None
         self._auth_call = None
+        self._drain_call = None
         self._abort = None
         self.headers_seen = False
         self.closing = False
@@ -382,8 +388,32 @@ class ProviderH2(Protocol):
         self.transport.loseConnection()
         self._abort = self.clock.callLater(abort_after, self.transport.abortConnection)
 
+    def drain(self):
+        """
+        The gateway stops. RFC 9113 6.8: a first GOAWAY with the largest stream id (no new
+        streams; those already sent are still answered, by 503 Shutdown from the router),
+        written raw: h2 would refuse every frame after its own GOAWAY. Then, once the
+        requests under way are answered (at least GOAWAY_GRACE later), the last GOAWAY and
+        the close.
+        """
+        if self.closing or self._drain_call is not None:
+            return
+        self.flush()
+        self.transport.write(GoAwayFrame(0, last_stream_id=2 ** 31 - 1, error_code=ErrorCodes.NO_ERROR,
+                                         additional_data=_SHUTDOWN).serialize())
+        self._drain_call = self.clock.callLater(GOAWAY_GRACE, self._drained)
+
+    def _drained(self):
+        self._drain_call = None
+        if self.closing:
+            return
+        if self.pending or self.streams or self.unsent:
+            self._drain_call = self.clock.callLater(GOAWAY_GRACE / 5, self._drained)
+            return
+        self._close(ErrorCodes.NO_ERROR, debug=_SHUTDOWN)
+
     def _stop_timers(self):
-        for name in ("_idle_call", "_deadline_call", "_body_call", "_auth_call"):
+        for name in ("_idle_call", "_deadline_call", "_body_call", "_auth_call", "_drain_call"):
             call = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
