@@ -59,9 +59,9 @@ class CourierDrainTests(unittest.TestCase):
         done = self.gw.factory.drain(window=2.5, timeout=5)
         self.assertEqual(frames_of(t.value()), [wire.GoAway(window_ms=2500)])
         self.assertTrue(t.disconnecting, "nothing in flight: closed at once")
-        self.assertNoResult(done)
+        self.assertEqual(self.successResultOf(done), {"told": 1, "closed": 0, "unacked": 0, "aborted": 0},
+                         "nothing awaited: its TLS close is not waited for")
         self.lost(proto)
-        self.assertEqual(self.successResultOf(done), {"told": 1, "closed": 0, "unacked": 0, "aborted": 0})
 
     def test_apns_style_client_just_sees_the_close(self):
         """No pushd extension in its Connect: no GoAway (it would not know command 33)."""
@@ -69,15 +69,21 @@ class CourierDrainTests(unittest.TestCase):
         done = self.gw.factory.drain(window=2, timeout=5)
         self.assertEqual(t.value(), b"")
         self.assertTrue(t.disconnecting)
-        self.lost(proto)
         self.assertEqual(self.successResultOf(done)["closed"], 1)
+
+    def test_apns_style_client_closed_with_messages_in_flight(self):
+        """Closed at once all the same: what it had not acked is counted, and stays stored."""
+        d, proto, t = self.device(pushd=False)
+        self.push(d, 2)
+        counts = self.successResultOf(self.gw.factory.drain(window=1, timeout=5))
+        self.assertEqual((counts["closed"], counts["unacked"]), (1, 2))
+        self.assertEqual(len(self.successResultOf(self.gw.store.pending(d.id, {TH}, 100, 0))), 2)
 
     def test_unauthenticated_connections_closed(self):
         proto, t = self.gw.connection()
         done = self.gw.factory.drain(window=2, timeout=5)
         self.assertTrue(t.disconnecting)
         self.assertEqual(t.value(), b"")
-        self.lost(proto)
         self.assertEqual(self.successResultOf(done)["closed"], 1)
 
     def test_acks_of_what_is_in_flight_still_taken(self):
@@ -92,6 +98,7 @@ class CourierDrainTests(unittest.TestCase):
         self.push(d, 1)  # stored (the factory alone drains here), not sent: the pump has stopped
         self.assertEqual(frames_of(t.value()), [wire.GoAway(window_ms=1000)])
         self.assertFalse(t.disconnecting, "its acks are on their way")
+        self.assertNoResult(done)
         proto.dataReceived(b"".join(wire.NotificationAck(message_id=n.message_id, status=0).encode()
                                     for n in sent[:2]))
         self.lost(proto)  # the device closed after its acks
@@ -165,6 +172,7 @@ class DrainServiceTests(unittest.TestCase):
         self.assertEqual(self.closed, [], "an ack still being written")
         self.gw.clock.advance(1)
         gate.callback(1)
+        self.gw.clock.advance(0)  # the reactor turn that flushes the closes
         self.successResultOf(done)
         self.assertEqual(self.closed, [self.gw.clock.seconds()])
 
@@ -177,6 +185,7 @@ class DrainServiceTests(unittest.TestCase):
         self.gw.clock.advance(4.9)
         self.assertEqual(self.closed, [])
         self.gw.clock.advance(0.1)
+        self.gw.clock.advance(0)
         self.successResultOf(done)
         self.assertEqual(self.closed, [started + 5])
         (line,) = [e for e in logged.events if "drained" in (e.get("log_format") or "")]
@@ -191,3 +200,4 @@ class DrainServiceTests(unittest.TestCase):
         f = self.failureResultOf(self.gw.router.accept(token, TOPIC, b"{}", uuid.uuid4(), expiry=2 ** 31))
         f.trap(Rejected)
         self.assertEqual((f.value.status, f.value.reason), (503, "Shutdown"))
+

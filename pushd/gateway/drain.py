@@ -17,7 +17,7 @@ one (started first) stops, the listeners have stopped accepting. Then, bounded b
 from __future__ import annotations
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 
@@ -53,6 +53,10 @@ class Drain(service.Service):
             counts = (yield waiting)[0]
         except Exception:
             counts = self.courier.drained if self.courier is not None else {}
+        # One reactor turn (a poll of the sockets) before the exit: the GoAways and TLS
+        # closes just written leave Twisted's buffers for the kernel's, which sends them
+        # after the process is gone.
+        yield task.deferLater(clock, 0, lambda: None)
         yield self.store.close()
         self.log.info(
             "drained in {took:.2f} s{late}: {told} pushd devices told to reconnect within {window:g} s, "
