@@ -193,11 +193,11 @@ class DrainServiceTests(unittest.TestCase):
         self.assertEqual(line["writes"], 1)
 
     def test_new_pushes_refused_shutdown(self):
-        from pushd.gateway.router import Rejected
+        from pushd.gateway.errors import ShuttingDown
 
         self.drain.drain()
         token = self.gw.tokens.scoped_token(Device().id, TH)
         f = self.failureResultOf(self.gw.router.accept(token, TOPIC, b"{}", uuid.uuid4(), expiry=2 ** 31))
-        f.trap(Rejected)
-        self.assertEqual((f.value.status, f.value.reason), (503, "Shutdown"))
+        f.trap(ShuttingDown)
+        self.assertEqual(f.value.reason, "Shutdown")
 
