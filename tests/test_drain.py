@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import uuid
+from io import BytesIO
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, ssl
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionDone
 from twisted.trial import unittest
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
 
 from pushd import wire
 from pushd.gateway.drain import Drain
 
+from . import h2client
 from .helpers import Device, Gateway, frames_of
+from .test_provider import ServerMixin
 
 TOPIC = "com.example.app"
 TH = wire.topic_hash(TOPIC)
@@ -201,3 +206,37 @@ class DrainServiceTests(unittest.TestCase):
         f.trap(ShuttingDown)
         self.assertEqual(f.value.reason, "Shutdown")
 
+
+
+class ProviderDrainTests(unittest.TestCase):
+    """The provider listener's part, over real TLS on loopback."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield ServerMixin.setUp(self)
+
+    @defer.inlineCallbacks
+    def test_http1_keepalive_connection_closed(self):
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        agent = Agent(reactor, BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(self.ca_pem)), pool=pool)
+        headers = Headers({"authorization": [f"bearer {self.pki.provider_key}"], "apns-topic": [TOPIC]})
+        resp = yield agent.request(b"POST", f"{self.url}/3/device/{self.token}".encode(), headers,
+                                   FileBodyProducer(BytesIO(b'{"aps":{}}')))
+        yield readBody(resp)
+        self.assertEqual(resp.code, 200)
+        self.assertEqual(len(self.site.channels), 1, "kept alive")
+        yield self.site.drain()
+        self.assertEqual(self.site.channels, set())
+
+    @defer.inlineCallbacks
+    def test_h2_goaway_then_close(self):
+        client = yield h2client.connect(self.port.getHost().port, self.ca_pem)
+        auth = [("authorization", f"bearer {self.pki.provider_key}"), ("apns-topic", TOPIC)]
+        r = yield client.request(f"/3/device/{self.token}", auth, b'{"aps":{}}')
+        self.assertEqual(r.status, 200)
+        self.router.shutting_down = True
+        yield self.site.drain()
+        yield client.closed
+        self.assertEqual(client.terminated.error_code, 0)  # NO_ERROR: a graceful stop
+        self.assertEqual(client.terminated.additional_data, b'{"reason":"Shutdown"}')
