@@ -2,7 +2,9 @@
 SIGTERM: the gateway drains, then exits, losing nothing accepted.
 
 twistd stops the services in reverse order of their start, all at once: by the time this
-one (started first) stops, the listeners have stopped accepting. Then, bounded by
+one (started first) stops, the listeners have stopped accepting. (A port's factory is
+stopped a reactor turn later, Twisted's Port.loseConnection: the courier's deadline wheel,
+which the drain reads for the connections, still holds them here.) Then, bounded by
 ``--drain-timeout``:
 
 1. new provider requests are answered 503 Shutdown (the router), HTTP/2 connections get
