@@ -7,8 +7,8 @@ stopped a reactor turn later, Twisted's Port.loseConnection: the courier's deadl
 which the drain reads for the connections, still holds them here.) Then, bounded by
 ``--drain-timeout``:
 
-1. new provider requests are answered 503 Shutdown (the router), HTTP/2 connections get
-   GOAWAY, those under way are answered;
+1. new provider requests are answered 503 Shutdown (the router), those under way are
+   answered, then HTTP/2 connections get GOAWAY and HTTP/1.1 ones close;
 2. pushd devices are told GoAway (reconnect now, within ``--drain-window``) and send the
    acks of what they hold; other clients are closed (their unacked messages stay stored);
 3. the node's presence goes in one store call, not one per device;
@@ -43,6 +43,7 @@ class Drain(service.Service):
     def drain(self):
         clock, router = self.clock, self.router
         started = clock.seconds()
+        self.log.info("draining: at most {timeout:g} s", timeout=self.timeout)
         router.shutting_down = True
         courier = self.courier.drain(self.window, self.timeout) if self.courier is not None else defer.succeed({})
         provider = self.site.drain() if self.site is not None else defer.succeed(None)

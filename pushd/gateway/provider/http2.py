@@ -36,7 +36,6 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, StreamClosedError
 from h2.settings import SettingCodes
-from hyperframe.frame import GoAwayFrame
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -70,9 +69,8 @@ _check_h2_internals()
 ABORT_AFTER = 15
 #: The same after a hostile close (protocol error, too many requests or resets, late headers).
 ABORT_HOSTILE = 2
-#: Drain: seconds between the first GOAWAY (no new streams) and the last one (RFC 9113 6.8:
-#: at least a round trip, for the streams the client opened before it read the first).
-GOAWAY_GRACE = 0.25
+#: Drain: how often a connection with requests under way looks again whether it is idle.
+DRAIN_POLL = 0.05
 _SHUTDOWN = b'{"reason":"Shutdown"}'
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
 _END_STREAM, _PADDED = 0x1, 0x8
@@ -390,25 +388,22 @@ class ProviderH2(Protocol):
 
     def drain(self):
         """
-        The gateway stops. RFC 9113 6.8: a first GOAWAY with the largest stream id (no new
-        streams; those already sent are still answered, by 503 Shutdown from the router),
-        written raw: h2 would refuse every frame after its own GOAWAY. Then, once the
-        requests under way are answered (at least GOAWAY_GRACE later), the last GOAWAY and
-        the close.
+        The gateway stops: requests that come are answered 503 Shutdown (the router); once
+        none is under way, GOAWAY (NO_ERROR, the last stream processed, debug data
+        Shutdown) and the close; a request sent meanwhile has a higher stream id, so its
+        client knows it was not processed (RFC 9113 6.8). One GOAWAY, sent only when idle,
+        not a first one at once: an h2-based client (aioapns) fails on any frame after a
+        GOAWAY, the answers of its requests under way included (h2 4.4's state machine).
         """
-        if self.closing or self._drain_call is not None:
-            return
-        self.flush()
-        self.transport.write(GoAwayFrame(0, last_stream_id=2 ** 31 - 1, error_code=ErrorCodes.NO_ERROR,
-                                         additional_data=_SHUTDOWN).serialize())
-        self._drain_call = self.clock.callLater(GOAWAY_GRACE, self._drained)
+        if not self.closing and self._drain_call is None:
+            self._drained()
 
     def _drained(self):
         self._drain_call = None
         if self.closing:
             return
         if self.pending or self.streams or self.unsent:
-            self._drain_call = self.clock.callLater(GOAWAY_GRACE / 5, self._drained)
+            self._drain_call = self.clock.callLater(DRAIN_POLL, self._drained)
             return
         self._close(ErrorCodes.NO_ERROR, debug=_SHUTDOWN)
 
