@@ -224,6 +224,18 @@ class StoreContract:
         yield self.store.release(DEV, "node-2")
         self.assertIsNone((yield self.store.where(DEV)))
 
+    @defer.inlineCallbacks
+    def test_release_all(self):
+        """A draining node forgets all its devices in one call; another node's stay."""
+        ids = [f"{i:032x}" for i in range(1, 6)]
+        for d in ids[:4]:
+            yield self.store.claim(d, "node-1")
+        yield self.store.claim(ids[4], "node-2")
+        yield self.store.claim(ids[3], "node-2")  # moved on since
+        self.assertEqual((yield self.store.release_all("node-1", ids)), 3)
+        where = yield defer.gatherResults([self.store.where(d) for d in ids])
+        self.assertEqual(where, [None, None, None, "node-2", "node-2"])
+
 
 class DurableStoreContract:
     @defer.inlineCallbacks

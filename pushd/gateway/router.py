@@ -68,6 +68,11 @@ class Router:
         self.dropped_offline = 0
         #: Set when the gateway stops: pushes are refused (ShuttingDown), providers go elsewhere.
         self.shutting_down = False
+        #: Set by release_all (the drain): sessions leaving no longer release one by one.
+        self.released = False
+        #: Store writes (enqueues, acks) not yet answered, and who waits for none (drain).
+        self.writes = 0
+        self._settled: list = []
 
     def now(self) -> float:
         return self._clock.seconds() if self._clock is not None else time.time()
@@ -88,7 +93,44 @@ class Router:
     def detach(self, device_id: str, session) -> None:
         if self.sessions.get(device_id) is session:
             del self.sessions[device_id]
-            self.store.release(device_id, self.node).addErrback(self._presence_failed, device_id)
+            if not self.released:
+                self.store.release(device_id, self.node).addErrback(self._presence_failed, device_id)
+
+    # --- the drain ------------------------------------------------------------------
+
+    def release_all(self):
+        """The node drains: its presence goes in one store call, and the sessions closing
+        after it release nothing (a release and a log line per device made closing 17,000
+        devices take 10.7 s)."""
+        self.released = True
+        devices = list(self.sessions)
+
+        def failed(f):
+            self.log.warn("presence of this node ({node}) not released: {why}", node=self.node,
+                          why=f.getErrorMessage())
+
+        return self._write(self.store.release_all(self.node, devices)).addErrback(failed)
+
+    def _write(self, d):
+        """Count a store write until it is answered (the drain waits for them)."""
+        self.writes += 1
+        return d.addBoth(self._written)
+
+    def _written(self, result):
+        self.writes -= 1
+        if not self.writes:
+            waiters, self._settled = self._settled, []
+            for w in waiters:
+                w.callback(None)
+        return result
+
+    def settled(self):
+        """Fire once no store write is outstanding."""
+        if not self.writes:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._settled.append(d)
+        return d
 
     def revoked(self, device_ids) -> None:
         """Close the live sessions of devices just revoked (their Connect is refused from now on)."""
@@ -155,7 +197,7 @@ class Router:
             received=now,
         )
         # The store checks the token's invalidation in the same call (one round trip).
-        return self.store.enqueue(message).addCallbacks(self._stored, self._unavailable, (device_id,))
+        return self._write(self.store.enqueue(message)).addCallbacks(self._stored, self._unavailable, (device_id,))
 
     def _stored(self, since, device_id):
         self._gone(since)
@@ -188,7 +230,7 @@ class Router:
         return self.store.pending(device_id, topic_hashes, limit, self.now())
 
     def ack_many(self, device_id: str, message_ids):
-        return self.store.ack_many(device_id, message_ids)
+        return self._write(self.store.ack_many(device_id, message_ids))
 
     def revalidate(self, token: bytes):
         """A device registered a topic (again): its token is valid, whatever an earlier

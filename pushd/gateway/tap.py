@@ -18,6 +18,7 @@ from pushd.gateway.heap import FrozenStartup
 from pushd.endpoints import BadListener, listener, reuse_port_endpoint, split_tls
 from pushd.gateway.auth import Authenticator
 from pushd.gateway.courier import CourierFactory
+from pushd.gateway.drain import Drain
 from pushd.gateway import hpackfast
 from pushd.gateway.enrol import Enrolment, EnrolSecrets
 from pushd.gateway.registry import DeviceRegistry, RegistryError
@@ -130,6 +131,12 @@ class Options(config.Options):
          "stopped and the supervisor exits with status 1.", config.within("worker-restarts", int, 1)],
         ["worker-stop-timeout", None, 30.0, "Seconds the supervisor waits for its workers to exit after "
          "SIGTERM (they drain); then SIGKILL.", config.within("worker-stop-timeout", float, 1)],
+        # Drain on SIGTERM (docs/protocol.md "Reconnecting (device)").
+        ["drain-timeout", None, 5.0, "On SIGTERM, seconds to wait for provider requests under way, device acks "
+         "and store writes before exiting.", config.within("drain-timeout", float, 0.1, 600)],
+        ["drain-window", None, 2.0, "On SIGTERM, pushd devices are told to reconnect at a random moment within "
+         "this many seconds (GoAway), so that they do not all connect at once.",
+         config.within("drain-window", float, 0, 60)],
     ]
     optFlags = [
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
@@ -172,19 +179,6 @@ class Options(config.Options):
     def opt_hostname(self, name):
         """Name or address on the server certificate. Repeatable. [default: localhost, 127.0.0.1]"""
         self["hostname"].append(name)
-
-
-class StoreService(service.Service):
-    """Refuses new notifications (503 Shutdown) and closes the store when the gateway stops."""
-
-    def __init__(self, store, router):
-        self.store = store
-        self.router = router
-
-    def stopService(self):
-        super().stopService()
-        self.router.shutting_down = True
-        return self.store.close()
 
 
 def _expire(store, router):
@@ -268,7 +262,9 @@ def makeService(options, reactor=None):
     router = Router(store, TokenMinter(token_secret), reactor, registry=registry)
 
     top = service.MultiService()
-    StoreService(store, router).setServiceParent(top)
+    # Started first, so stopped last: the listeners have stopped accepting when it drains.
+    drain = Drain(router, store, None, None, reactor, options["drain-timeout"], options["drain-window"])
+    drain.setServiceParent(top)
     courier = CourierFactory(
         router,
         pki.ca_cert,
@@ -300,6 +296,7 @@ def makeService(options, reactor=None):
         verify_limit=Buckets(options["auth-verify-rate"], options["auth-verify-burst"], reactor),
         ipv6_prefix=options["ipv6-prefix"],
     )
+    drain.courier, drain.site = courier, site
     site.timeOut = options["idle-timeout"]
     site.access_log = bool(options["access-log"])
     try:

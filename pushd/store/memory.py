@@ -120,5 +120,11 @@ class MemoryStore:
             del self._presence[device_id]
         return defer.succeed(None)
 
+    def release_all(self, node, device_ids=()):
+        mine = [d for d, n in self._presence.items() if n == node]
+        for d in mine:
+            del self._presence[d]
+        return defer.succeed(len(mine))
+
     def where(self, device_id):
         return defer.succeed(self._presence.get(device_id))

@@ -211,9 +211,19 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-_ENQUEUE, _PENDING, _ACK, _ACK_MANY, _EXPIRE, _CLAIM, _RELEASE = (
-    s.encode() for s in (_ENQUEUE, _PENDING, _ACK, _ACK_MANY, _EXPIRE, _CLAIM, _RELEASE)
+_RELEASE_ALL = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then n = n + redis.call('DEL', key) end
+end
+return n
+"""
+
+_ENQUEUE, _PENDING, _ACK, _ACK_MANY, _EXPIRE, _CLAIM, _RELEASE, _RELEASE_ALL = (
+    s.encode() for s in (_ENQUEUE, _PENDING, _ACK, _ACK_MANY, _EXPIRE, _CLAIM, _RELEASE, _RELEASE_ALL)
 )
+#: Keys per release_all script: a drain of 17,000 devices is 17 calls, none holding Redis long.
+RELEASE_CHUNK = 1000
 
 
 def parse_url(url: str):
@@ -795,6 +805,15 @@ class RedisStore:
     def release(self, device_id, node):
         d = self._script(_RELEASE, [self._base(device_id) + b"node"], [node.encode("utf-8")], device_id)
         return d.addCallback(lambda _: None)
+
+    def release_all(self, node, device_ids=()):
+        """The node's presence keys are per device (no index by node): the caller names
+        them, released in a few scripts of RELEASE_CHUNK keys."""
+        keys = [self._base(d) + b"node" for d in device_ids]
+        arg = [node.encode("utf-8")]
+        calls = [self._script(_RELEASE_ALL, keys[i:i + RELEASE_CHUNK], arg)
+                 for i in range(0, len(keys), RELEASE_CHUNK)]
+        return defer.gatherResults(calls, consumeErrors=True).addCallback(sum)
 
     def where(self, device_id):
         d = self._command(b"GET", self._base(device_id) + b"node", device=device_id)

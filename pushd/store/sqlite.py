@@ -288,6 +288,11 @@ class SQLiteStore:
             and None
         )
 
+    def release_all(self, node, device_ids=()):
+        return self._submit(
+            lambda db: db.execute("DELETE FROM presence WHERE node = ?", (node,)).rowcount
+        )
+
     def where(self, device_id):
         def q(db):
             row = db.execute("SELECT node FROM presence WHERE device_id = ?", (device_id,)).fetchone()
