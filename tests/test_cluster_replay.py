@@ -10,20 +10,27 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from twisted.internet import defer, task
+from cryptography import x509
+from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from pushd import tls
+from pushd import tls, wire
 from pushd.gateway.connect import ConnectRefused, ConnectVerifier
 from pushd.gateway.enrol import Enrolment, EnrolSecrets
 from pushd.gateway.provider.rules import enrol_answer
 from pushd.gateway.registry import DeviceRegistry
+from pushd.gateway.replay import MemoryReplayCache
+from pushd.gateway.tap import Options, replay_caches
 from pushd.store.redis import RedisStore
 from pushd.store.redis_replay import RedisReplayCache
 
-from .helpers import CA_CERT, CA_KEY, T0, Device
+from . import procs
+from .helpers import CA_CERT, CA_KEY, T0, Device, frames_of
 from .redis_server import RedisServer
+from .stack import Stack
+from .test_connect_replay import NonceOnlyClient
+from .test_e2e import raw_exchange
 from .test_enrol import PEER, enrol_body
 
 SHORT = 1.0  # the store timeout while Redis is stopped
@@ -136,9 +143,6 @@ class WiringTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_redis_store_gives_shared_caches(self):
-        from pushd.gateway.replay import MemoryReplayCache
-        from pushd.gateway.tap import Options, replay_caches
-
         redis = RedisServer(self)
         yield redis.start()
         o = Options()
@@ -154,3 +158,44 @@ class WiringTests(unittest.TestCase):
         memory = replay_caches(o, object(), task.Clock())
         self.assertEqual([type(c) for c in memory], [MemoryReplayCache, MemoryReplayCache])
         self.assertEqual((memory[0].max_entries, memory[0].per_owner, memory[1].max_entries), (7, 3, 9))
+
+
+class TwoGatewayProcessesTests(unittest.TestCase):
+    """End to end: two real gateway processes on one Redis (one host, one state directory, as
+    workers are); a nonce-only Connect accepted by one, replayed over TLS to the other."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_nonce_only_connect_replayed_to_the_other_gateway(self):
+        redis = RedisServer(self)
+        yield redis.start()
+        s = Stack(self, "--store", redis.url)
+        yield s.start_gateway()
+        other_port = procs.free_port()
+        other = procs.spawn("gateway-b", procs.TWISTD + [
+            "pushd-gateway", "--state-dir", str(s.gw_state), "--store", redis.url,
+            "--courier", f"tls:{other_port}:interface=127.0.0.1",
+            "--provider", f"tls:{procs.free_port()}:interface=127.0.0.1"], s.dir)
+        self.addCleanup(other.stop)
+        yield other.wait_for(r"Site \(TLS\) starting on")
+        ca_pem = (s.gw_state / "ca.pem").read_bytes()
+        ca = (tls.load_key((s.gw_state / "ca.key").read_bytes()), x509.load_pem_x509_certificate(ca_pem))
+        device = Device(ca=ca)
+        registry = DeviceRegistry(s.gw_state / "devices.sqlite3")
+        registry.record_cert(x509.load_der_x509_certificate(device.der), "test")
+        registry.close()
+
+        captured = device.connect(reactor.seconds()).encode()
+        client = NonceOnlyClient(captured)
+        opts = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(ca_pem), acceptableProtocols=tls.COURIER_ALPN)
+        connector = reactor.connectSSL("127.0.0.1", s.courier_port,
+                                       protocol.ClientFactory.forProtocol(lambda: client), opts)
+        self.addCleanup(lambda: (connector.disconnect(), client.closed)[1])
+        yield client.up  # gateway A accepted it
+        closed, back = yield raw_exchange(other_port, ca_pem, captured)
+        self.assertTrue(closed, "gateway B closes the replayer's connection")
+        (ack,) = frames_of(back)
+        self.assertEqual(ack.status, wire.STATUS_ERROR)
+        yield other.wait_for(f"Connect refused: replayed Connect of device {device.id}", timeout=10)
+        self.assertFalse(client.closed.called, "the real client is still connected to gateway A")
