@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from cryptography import x509
-from twisted.internet import defer, protocol, reactor, ssl, task
+from twisted.internet import defer, protocol, reactor, ssl, task, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
@@ -162,21 +162,22 @@ class WiringTests(unittest.TestCase):
 
 class TwoGatewayProcessesTests(unittest.TestCase):
     """End to end: two real gateway processes on one Redis (one host, one state directory, as
-    workers are); a nonce-only Connect accepted by one, replayed over TLS to the other."""
+    workers are); a nonce-only Connect and an enrolment accepted by one, replayed over TLS to
+    the other."""
 
     timeout = 60
 
     @defer.inlineCallbacks
-    def test_nonce_only_connect_replayed_to_the_other_gateway(self):
+    def test_connect_and_enrolment_replayed_to_the_other_gateway(self):
         redis = RedisServer(self)
         yield redis.start()
         s = Stack(self, "--store", redis.url)
         yield s.start_gateway()
-        other_port = procs.free_port()
+        other_port, other_provider = procs.free_port(), procs.free_port()
         other = procs.spawn("gateway-b", procs.TWISTD + [
             "pushd-gateway", "--state-dir", str(s.gw_state), "--store", redis.url,
             "--courier", f"tls:{other_port}:interface=127.0.0.1",
-            "--provider", f"tls:{procs.free_port()}:interface=127.0.0.1"], s.dir)
+            "--provider", f"tls:{other_provider}:interface=127.0.0.1"], s.dir)
         self.addCleanup(other.stop)
         yield other.wait_for(r"Site \(TLS\) starting on")
         ca_pem = (s.gw_state / "ca.pem").read_bytes()
@@ -199,3 +200,25 @@ class TwoGatewayProcessesTests(unittest.TestCase):
         self.assertEqual(ack.status, wire.STATUS_ERROR)
         yield other.wait_for(f"Connect refused: replayed Connect of device {device.id}", timeout=10)
         self.assertFalse(client.closed.called, "the real client is still connected to gateway A")
+
+        # An enrolment (HTTP/1.1 over TLS) accepted by A, the same request sent to B.
+        body = enrol_body((s.gw_state / "enrol.secret").read_bytes().strip(), when=reactor.seconds())
+        self.assertEqual((yield threads.deferToThread(post, s.provider_port, body))[0], 200)
+        status, out = yield threads.deferToThread(post, other_provider, body)
+        self.assertEqual((status, out["reason"]), (409, "ReplayedRequest"))
+
+
+def post(port, body):
+    """(status, JSON) of an enrolment POST; blocking (run in a thread)."""
+    import ssl as stdssl
+    import urllib.error
+    import urllib.request
+
+    ctx = stdssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, stdssl.CERT_NONE
+    req = urllib.request.Request(f"https://127.0.0.1:{port}/pushd/v1/enrol", body, method="POST")
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
