@@ -116,8 +116,10 @@ class RedisReplayCache:
         cut = self.clock.seconds() - self.skew
         args = [key, _num(expires_at), _num(cut), b"%d" % self.max_entries, b"%d" % self.per_owner,
                 b"%d" % math.ceil(self.skew + 1)]
-        # RedisStore's one way to run a script (timeout, bounded queue, StoreUnavailable).
-        d = self.store._script(_SEEN, keys, args)
+        # RedisStore's one way to run a script (timeout, bounded queue, StoreUnavailable). With
+        # --redis-wait N the nonce is accepted only once N replicas have it, as a push is: a
+        # failover must not forget a nonce and so let its Connect be replayed.
+        d = self.store._script(_SEEN, keys, args, wait=getattr(self.store, "wait", 0) > 0)
         return d.addCallbacks(self._answered, self._unavailable, (owner,), None, (owner,))
 
     def _answered(self, code, owner):
