@@ -216,6 +216,27 @@ def provider_limits(options) -> Limits:
     )
 
 
+def replay_caches(options, store, reactor):
+    """
+    (Connect replay cache, enrolment nonces). On a Redis store, shared by every node on it
+    (pushd.store.redis_replay): a Connect or enrolment replayed to another node is refused
+    too, and while Redis does not answer both are refused (fail closed). Else in memory.
+    """
+    from pushd.store.redis import RedisStore
+
+    if isinstance(store, RedisStore):
+        from pushd.store.redis_replay import RedisReplayCache
+
+        return (
+            RedisReplayCache(store, "replay", options["replay-cache-size"], options["replay-per-device"], reactor),
+            RedisReplayCache(store, "enrol", options["enrol-nonces"], clock=reactor),
+        )
+    return (
+        MemoryReplayCache(options["replay-cache-size"], reactor, options["replay-per-device"]),
+        MemoryReplayCache(options["enrol-nonces"], reactor),
+    )
+
+
 def supervisor(options, reactor):
     """
     ``--workers N``: the supervisor. It checks the listeners and creates the state the
@@ -260,6 +281,7 @@ def makeService(options, reactor=None):
     except RegistryError as e:
         raise usage.UsageError(str(e))
     router = Router(store, TokenMinter(token_secret), reactor, registry=registry)
+    replay_cache, enrol_nonces = replay_caches(options, store, reactor)
 
     top = service.MultiService()
     # Started first, so stopped last: the listeners have stopped accepting when it drains.
@@ -272,7 +294,7 @@ def makeService(options, reactor=None):
         keepalive_interval=options["keepalive"],
         grace=options["grace"],
         window=options["window"],
-        replay_cache=MemoryReplayCache(options["replay-cache-size"], reactor, options["replay-per-device"]),
+        replay_cache=replay_cache,
         registry=registry,
         connect_timeout=options["connect-deadline"],
         connect_budget=options["connect-budget"],
@@ -285,7 +307,7 @@ def makeService(options, reactor=None):
         rate_limit=Buckets(options["enrol-rate"], options["enrol-burst"], reactor),
         window=options["enrol-window"], max_nonces=options["enrol-nonces"],
         cert_days=options["cert-days"], overlap=options["cert-overlap"],
-        ipv6_prefix=options["ipv6-prefix"],
+        ipv6_prefix=options["ipv6-prefix"], nonces=enrol_nonces,
     )
     hpackfast.configure(options["hpack-cache-bytes"])
     site = make_site(

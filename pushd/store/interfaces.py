@@ -170,14 +170,17 @@ class ReplayCacheFull(Exception):
 
 class IReplayCache(Interface):
     """
-    Nonces of nonce-only Connects (APNs-style clients) seen inside the nonce window, so
-    that a captured Connect replayed on another connection is refused. Memory provider:
-    ``pushd.gateway.replay``; a cluster shares one (Redis ``SET key 1 NX EXAT``).
+    Nonces of nonce-only Connects (APNs-style clients), and of enrolments, seen inside the
+    nonce window, so that a captured request replayed on another connection is refused.
+    Memory provider: ``pushd.gateway.replay``; a cluster shares one on Redis
+    (``pushd.store.redis_replay``), so a replay sent to another node is refused too.
     """
 
-    def seen(key, expires_at):
+    def seen(key, expires_at, owner=None):
         """
         Remember ``key`` (bytes) until ``expires_at`` (UNIX seconds). Fire with True if it
         was already remembered (a replay), False if it is new and now remembered; fail
-        with ReplayCacheFull when it cannot be remembered.
+        with ReplayCacheFull when it cannot be remembered (TooManyNonces when ``owner``, a
+        device id, holds its quota), and with StoreUnavailable when the cache cannot be
+        asked: the caller refuses then (fail closed).
         """
