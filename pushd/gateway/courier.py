@@ -46,6 +46,7 @@ class CourierServerProtocol(Protocol):
         "factory", "transport", "connected", "decoder", "device_id", "base_token", "topics",
         "inflight", "declined", "_acking", "paused", "_pumping", "_again", "_closing",
         "_deadline", "_wheelslot", "_acked", "_proving",
+        "epoch",  # set by router.attach: kicks from other nodes name it
     )
 
     def __init__(self):
@@ -76,6 +77,7 @@ class CourierServerProtocol(Protocol):
         #: bytes that came meanwhile (reading is paused), at most --connect-budget of them,
         #: handled once it is answered.
         self._proving = None
+        self.epoch = None
 
     @property
     def peer(self) -> str:

@@ -6,6 +6,7 @@ pending from the store, so a device that connects between persist and wake loses
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 
@@ -37,7 +38,8 @@ class Unregistered(Exception):
 
 
 class ISession(Interface):
-    """A device's live courier connection, as the router sees it."""
+    """A device's live courier connection, as the router sees it. ``router.attach`` sets its
+    ``epoch`` attribute: unique on this node, so that a kick names one session."""
 
     def wake():
         """Something new may be pending for this device."""
@@ -62,6 +64,11 @@ class Router:
         self.tokens = tokens
         self._clock = clock
         self.node = node
+        #: The cluster hook (pushd.gateway.cluster.Node): wakes and kicks for other nodes.
+        self.cluster = None
+        # Session epochs: from the start time in ms, so that a node restarted under the same
+        # --node-id never reuses one (a stale kick must not close a new session).
+        self._epochs = itertools.count(int(self.now() * 1000))
         self.sessions: dict = {}
         self.accepted = 0
         self.dropped_offline = 0
@@ -74,17 +81,18 @@ class Router:
     # --- presence ---------------------------------------------------------------
 
     def attach(self, device_id: str, session) -> None:
+        session.epoch = next(self._epochs)
         old = self.sessions.get(device_id)
         self.sessions[device_id] = session
         if old is not None and old is not session:
             self.log.info("device {device} reconnected: closing its old session", device=device_id)
             old.replaced()
-        self.store.claim(device_id, self.node).addErrback(self._presence_failed, device_id)
+        self._claim(device_id, session)
 
     def detach(self, device_id: str, session) -> None:
         if self.sessions.get(device_id) is session:
             del self.sessions[device_id]
-            self.store.release(device_id, self.node).addErrback(self._presence_failed, device_id)
+            self._release(device_id, session)
 
     def revoked(self, device_ids) -> None:
         """Close the live sessions of devices just revoked (their Connect is refused from now on)."""
@@ -100,6 +108,43 @@ class Router:
             return None
         why = self.registry.check(cert_der, device_id, now)
         return None if why is None else str(why)
+
+    # --- the cluster: presence, wakes and kicks across nodes ------------------------------
+
+    def _claim(self, device_id, session):
+        d = self.store.claim(device_id, self.node, session.epoch)
+        d.addCallbacks(self._claimed, self._presence_failed, (device_id,), {}, (device_id,))
+
+    def _claimed(self, before, device_id):
+        # Another live node held the device: its session there is stale (one per cluster).
+        if before is not None and before.node != self.node and self.cluster is not None:
+            self.cluster.kick(before.node, device_id, before.epoch)
+
+    def _release(self, device_id, session):
+        self.store.release(device_id, self.node, session.epoch).addErrback(self._presence_failed, device_id)
+
+    def _wake(self, device_id, owner):
+        """Something is stored for the device: wake its session here, and its owner if elsewhere."""
+        if owner is not None and owner.node != self.node and self.cluster is not None:
+            self.cluster.wake(owner.node, device_id)
+        session = self.sessions.get(device_id)
+        if session is not None:
+            session.wake()
+
+    def wake_local(self, device_ids) -> None:
+        """Another node stored something for these devices (or a sweep re-reads them)."""
+        sessions = self.sessions
+        for device_id in device_ids:
+            session = sessions.get(device_id)
+            if session is not None:
+                session.wake()
+
+    def kicked(self, device_id: str, epoch: int) -> None:
+        """The device connected to another node: close its session here if it is that epoch's."""
+        session = self.sessions.get(device_id)
+        if session is not None and session.epoch == epoch:
+            self.log.info("device {device} moved to another node: closing its session here", device=device_id)
+            session.replaced()
 
     def _presence_failed(self, failure, device_id):
         self.log.warn("presence of {device} not recorded: {why}", device=device_id, why=failure.getErrorMessage())
@@ -152,12 +197,10 @@ class Router:
         # The store checks the token's invalidation in the same call (one round trip).
         return self.store.enqueue(message).addCallbacks(self._stored, self._unavailable, (device_id,))
 
-    def _stored(self, since, device_id):
-        self._gone(since)
+    def _stored(self, result, device_id):
+        self._gone(result.invalidated)
         self.accepted += 1
-        session = self.sessions.get(device_id)
-        if session is not None:
-            session.wake()
+        self._wake(device_id, result.owner)
 
     @staticmethod
     def _gone(since):

@@ -15,6 +15,7 @@ from pushd import config, tls
 from pushd.admission import Admission, fit_fd_limit
 from pushd.endpoints import BadListener, listener
 from pushd.gateway.auth import Authenticator
+from pushd.gateway.cluster import Node, default_node_id
 from pushd.gateway.courier import CourierFactory
 from pushd.gateway import hpackfast
 from pushd.gateway.enrol import Enrolment, EnrolSecrets
@@ -26,7 +27,7 @@ from pushd.gateway.replay import DEFAULT_PER_DEVICE as DEFAULT_REPLAY_PER_DEVICE
 from pushd.gateway.ratelimit import Buckets
 from pushd.gateway.router import Router
 from pushd.gateway.tokens import TokenMinter
-from pushd.store import open_store
+from pushd.store import open_bus, open_store
 from pushd.store.interfaces import StoreUnavailable
 
 log = Logger()
@@ -111,6 +112,13 @@ class Options(config.Options):
          config.within("auth-verify-rate", float, 0.001)],
         ["auth-verify-burst", None, 100.0, "Provider tokens not seen before verified from one address in a burst.",
          config.within("auth-verify-burst", float, 1)],
+        # --- the cluster: nodes on a shared Redis (docs/cluster.md) ---
+        ["node-id", None, "", "This process's node id in the cluster (letters, digits, . _ : -); default: "
+         "host name, pid and start time."],
+        ["node-heartbeat", None, 3.0, "Seconds between the node's heartbeats (one store write each).",
+         config.within("node-heartbeat", float, 0.1, 60)],
+        ["node-ttl", None, 9.0, "Seconds a node counts as alive after its last heartbeat; then its devices "
+         "count as absent. More than --node-heartbeat.", config.within("node-ttl", float, 0.5, 600)],
     ]
     optFlags = [
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
@@ -200,6 +208,12 @@ def makeService(options, reactor=None):
 
     top = service.MultiService()
     StoreService(store, router).setServiceParent(top)
+    try:
+        node = Node(options["node-id"] or default_node_id(reactor), router, open_bus(store, reactor), reactor,
+                    heartbeat=options["node-heartbeat"], ttl=options["node-ttl"])
+    except ValueError as e:
+        raise usage.UsageError(str(e))
+    node.setServiceParent(top)  # after the store: stopped before it is closed
     courier = CourierFactory(
         router,
         pki.ca_cert,

@@ -29,3 +29,16 @@ def open_store(spec: str, state_dir: Path, per_topic: int, reactor=None, synchro
 
         return RedisStore(spec, per_topic=per_topic, reactor=reactor)
     raise ValueError(f"unknown store {spec!r}: use sqlite, sqlite:PATH, redis://HOST:PORT/DB or memory")
+
+
+def open_bus(store, reactor=None):
+    """The INodeBus that goes with ``store``: Redis's PUB/SUB for a store nodes share, else in-process."""
+    from pushd.store.redis import RedisStore
+
+    if isinstance(store, RedisStore):
+        from pushd.store.redisbus import RedisNodeBus
+
+        return RedisNodeBus(store)
+    from pushd.store.memory import LocalBus
+
+    return LocalBus(clock=reactor)
