@@ -39,6 +39,8 @@ class _SubscriberFactory(txredisapi.SubscriberFactory):
         self.charset = None
         self.password = password
         self.username = username
+        # Fires once connected, or fails if it gives up (a wrong password); nobody else listens.
+        self.deferred.addErrback(lambda f: bus.log.warn("Redis subscriber: {why}", why=f.getErrorMessage()))
 
     def buildProtocol(self, addr):
         p = super().buildProtocol(addr)
@@ -108,7 +110,7 @@ class RedisNodeBus:
             if conn.connected:
                 conn.transport.abortConnection()
 
-        conn.subscribe(self._channel).addCallbacks(subscribed, failed)
+        conn.subscribe([self._channel]).addCallbacks(subscribed, failed)
 
     def _message(self, data):
         try:
