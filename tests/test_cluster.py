@@ -25,6 +25,8 @@ DEV = "00112233445566778899aabbccddeeff"
 class FakeBus:
     """Records what is published; each publish answers when the test says."""
 
+    shared = False
+
     def __init__(self):
         self.sent = []  # (node, decoded message, Deferred)
         self.reconnects = 0
@@ -195,6 +197,24 @@ class NodeTests(unittest.TestCase):
         self.successResultOf(self.a.accept(token, "com.example.a", b"{}", b"\x01" * 16, expiry=1_900_000_000))
         self.clock.advance(0)  # A publishes
         self.clock.advance(0)  # B receives
+        self.assertEqual(on_b.wakes, woken + 1)
+
+    def test_an_expiration_0_push_for_a_device_on_another_node_is_stored_and_wakes_it(self):
+        self.node_a.shared = True  # as on Redis: other processes' nodes
+        th = wire.topic_hash("com.example.a")
+        token = self.a.tokens.scoped_token(DEV, th)
+        self.successResultOf(self.a.accept(token, "com.example.a", b"nobody", b"\x01" * 16, expiry=0))
+        self.assertEqual(self.a.dropped_offline, 1, "no node holds the device: dropped")
+        on_b = FakeSession()
+        self.b.attach(DEV, on_b)
+        woken = on_b.wakes
+        self.a.store = _Owned(self.store, Owner("B", on_b.epoch))
+        self.successResultOf(self.a.accept(token, "com.example.a", b"now", b"\x02" * 16, expiry=0))
+        self.assertEqual(self.a.dropped_offline, 1)
+        got = self.successResultOf(self.store.pending(DEV, {th}, 10, self.clock.seconds()))
+        self.assertEqual([m.payload for m in got], [b"now"])
+        self.clock.advance(0)
+        self.clock.advance(0)
         self.assertEqual(on_b.wakes, woken + 1)
 
     def test_resubscribing_wakes_every_session_paced(self):

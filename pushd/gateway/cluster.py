@@ -259,6 +259,8 @@ class Node(service.Service):
         self.id = node_id
         self.router = router
         self.bus = bus
+        #: Other processes' nodes share the store: a device with no session here may be elsewhere.
+        self.shared = bus.shared
         self.clock = clock
         self.heartbeat = heartbeat
         self.ttl = ttl

@@ -178,10 +178,6 @@ class Router:
         if expiry and expiry < now:
             # Already expired: APNs accepts and never delivers it (an unregistered token still gets 410).
             return self.store.invalidated(token).addCallbacks(self._gone, self._unavailable)
-        if expiry == 0 and (session is None or not session.wants(th)):
-            self.dropped_offline += 1
-            self.log.debug("device {device} not reachable now; expiration 0 drops", device=device_id)
-            return self.store.invalidated(token).addCallbacks(self._gone, self._unavailable)
         message = StoredMessage(
             message_id=apns_id.bytes if isinstance(apns_id, uuid.UUID) else apns_id,
             device_id=device_id,
@@ -194,8 +190,25 @@ class Router:
             collapse_id=collapse_id,
             received=now,
         )
+        if expiry == 0 and (session is None or not session.wants(th)):
+            if session is None and self.cluster is not None and self.cluster.shared:
+                # Not here, and maybe on another node: one look at presence (expiration 0 only).
+                return self.store.where(device_id).addCallbacks(self._now_or_never, self._unavailable, (message,))
+            return self._drop_offline(message)
         # The store checks the token's invalidation in the same call (one round trip).
         return self.store.enqueue(message).addCallbacks(self._stored, self._unavailable, (device_id,))
+
+    def _drop_offline(self, message):
+        self.dropped_offline += 1
+        self.log.debug("device {device} not reachable now; expiration 0 drops", device=message.device_id)
+        return self.store.invalidated(message.token).addCallbacks(self._gone, self._unavailable)
+
+    def _now_or_never(self, owner, message):
+        """An expiration-0 push for a device with no session here: stored only if a live
+        node holds it (that node's session delivers it, or keeps it while unacked)."""
+        if owner is None or owner.node == self.node:
+            return self._drop_offline(message)
+        return self.store.enqueue(message).addCallbacks(self._stored, self._unavailable, (message.device_id,))
 
     def _stored(self, result, device_id):
         self._gone(result.invalidated)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 
 class StoreUnavailable(Exception):
@@ -190,6 +190,8 @@ class INodeBus(Interface):
     channel. At-most-once: a message may be lost (a reconnect, a failover), so what rides
     on it (wakes, kicks) must be safe to lose; ``connected`` says when to assume it was.
     """
+
+    shared = Attribute("True if nodes of other processes are on this bus: a device may be held elsewhere.")
 
     def listen(node, received, connected):
         """

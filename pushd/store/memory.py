@@ -154,6 +154,8 @@ class LocalBus:
     several nodes in one process. Delivery is on a later reactor turn, as over a network.
     """
 
+    shared = False
+
     def __init__(self, hub: LocalHub | None = None, clock=None):
         self.hub = hub if hub is not None else LocalHub(clock)
         self.node = None

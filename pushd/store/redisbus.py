@@ -52,6 +52,8 @@ class _SubscriberFactory(txredisapi.SubscriberFactory):
 class RedisNodeBus:
     log = Logger()
 
+    shared = True
+
     def __init__(self, store):
         self.store = store
         host, port, _, user, password = parse_url(store.url)
