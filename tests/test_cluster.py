@@ -259,6 +259,17 @@ class NodeTests(unittest.TestCase):
         self.assertEqual(bus.reconnects, 0)
 
 
+class NodeSettingsTests(unittest.TestCase):
+    def test_node_ids_and_timings_are_checked_and_named(self):
+        router, bus, clock = Router(MemoryStore(), TokenMinter(b"k" * 32), task.Clock()), FakeBus(), task.Clock()
+        self.assertRegex(cluster.default_node_id(clock), cluster.NODE_ID)
+        for bad in ["", "has space", "a\nb", "x" * 101]:
+            with self.assertRaisesRegex(ValueError, "--node-id"):
+                Node(bad, router, bus, clock)
+        with self.assertRaisesRegex(ValueError, "--node-heartbeat .* --node-ttl"):
+            Node("n", router, bus, clock, heartbeat=9, ttl=9)
+
+
 class _Owned:
     """The memory store, as a store shared by nodes answers: it names the device's owner."""
 
