@@ -12,7 +12,7 @@ from pushd.store.interfaces import Enqueued, Owner
 from pushd.store.redis import RedisStore
 from pushd.store.redisbus import RedisNodeBus
 
-from .bus_contract import BusContract, Listener, until
+from .bus_contract import BusContract, until
 from .redis_server import RedisServer
 from .store_contract import DEV, msg
 

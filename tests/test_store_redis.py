@@ -7,7 +7,7 @@ from twisted.trial import unittest
 
 from pushd import wire
 from pushd.store.interfaces import StoreUnavailable
-from pushd.store.interfaces import Enqueued, Owner
+from pushd.store.interfaces import Owner
 from pushd.store.redis import RedisStore, parse_url
 from pushd.store.redisbus import RedisNodeBus
 
