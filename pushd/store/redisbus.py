@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import txredisapi
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -48,6 +48,18 @@ class _SubscriberFactory(txredisapi.SubscriberFactory):
         return p
 
 
+class _MasterEndpoint:
+    """Connects where the store's master is at each attempt (it moves on a failover)."""
+
+    def __init__(self, bus):
+        self.bus = bus
+
+    def connect(self, factory):
+        host, port = self.bus.where()
+        store = self.bus.store
+        return HostnameEndpoint(store.reactor, host, port, timeout=store.timeout).connect(factory)
+
+
 @implementer(INodeBus)
 class RedisNodeBus:
     log = Logger()
@@ -56,11 +68,9 @@ class RedisNodeBus:
 
     def __init__(self, store):
         self.store = store
-        host, port, _, user, password = parse_url(store.url)
-        self._endpoint = TCP4ClientEndpoint(store.reactor, host, port, timeout=store.timeout)
-        self._auth = (password.encode("utf-8") if password is not None else None,
-                      user.encode("utf-8") if user else None)
+        self._auth = (store._pool_args["password"], store._pool_args["username"])
         self._factory = None
+        self._unwatch = None
         self._conn = None  # the subscriber connection, once subscribed
         self._channel = None
         self._received = self._connected = None
@@ -73,7 +83,10 @@ class RedisNodeBus:
         self._channel = self.store.channel_prefix + node.encode("utf-8")
         self._received, self._connected = received, connected
         self._factory = _SubscriberFactory(self, *self._auth)
-        self._factory.startConnecting(self._endpoint)
+        self._factory.startConnecting(_MasterEndpoint(self))
+        on_master = getattr(self.store, "on_master", None)
+        if on_master is not None:  # a store that can fail over (Sentinel) says when it moved
+            self._unwatch = on_master(self._master_changed)
 
     def publish(self, node, data):
         d = self.store._command(b"PUBLISH", self.store.channel_prefix + node.encode("utf-8"), data)
@@ -92,11 +105,30 @@ class RedisNodeBus:
     def close(self):
         factory, self._factory = self._factory, None
         self._conn = None
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if factory is None:
             return defer.succeed(None)
         return factory.disconnect().addErrback(lambda f: self.log.failure("closing the subscriber", f))
 
     # --- the subscriber connection ---------------------------------------------------------
+
+    def where(self):
+        """(host, port) to subscribe at: the store's master if it knows one, else its URL's."""
+        master = getattr(self.store, "master", None)
+        if master is not None and master[0] is not None:
+            return master
+        host, port = parse_url(self.store.url)[:2]
+        return host, port
+
+    def _master_changed(self):
+        conn = self._conn
+        if conn is not None and conn.connected:
+            peer = conn.transport.getPeer()
+            if (peer.host, peer.port) != tuple(self.where()):
+                self.log.info("Redis master moved: subscribing there")
+                self.reconnect()
 
     def _subscribe(self, conn):
         def subscribed(_):
