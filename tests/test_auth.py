@@ -16,7 +16,8 @@ from twisted.trial import unittest
 from pushd import tls
 from pushd.gateway import auth as auth_module
 from pushd.gateway.auth import TOPIC_SUFFIXES, Authenticator, ProviderKeys, b64url, make_jwt, unb64url
-from pushd.gateway.router import Rejected
+from pushd.gateway.errors import Refusal
+from pushd.gateway.provider.rules import refused
 
 T0 = 1_800_000_000
 
@@ -40,9 +41,10 @@ class AuthTests(unittest.TestCase):
         return b"bearer " + (token.encode() if isinstance(token, str) else token)
 
     def reason(self, header):
-        with self.assertRaises(Rejected) as e:
+        with self.assertRaises(Refusal) as e:
             self.auth.authenticate(header)
-        return e.exception.status, e.exception.reason
+        answer = refused(e.exception)  # the provider API's status for the domain's refusal
+        return answer.status, answer.reason
 
     def test_valid_token_names_its_team_and_is_cached(self):
         token = make_jwt(self.key, "KEY1", "TEAM1", iat=T0 - 10)
@@ -149,12 +151,12 @@ class AuthTests(unittest.TestCase):
                         max_leaves=8),
            st.sampled_from(["alg", "kid", "iss", "iat", "crit", "typ", "b64"]), st.booleans())
     def test_any_json_value_anywhere_is_a_clean_rejection(self, value, name, in_header):
-        """Hypothesis puts any JSON value in any field: the answer is a team or a Rejected, nothing else."""
+        """Hypothesis puts any JSON value in any field: the answer is a team or a Refusal, nothing else."""
         header, claims = {"alg": "ES256", "kid": "KEY1"}, {"iss": "TEAM1", "iat": T0}
         (header if in_header else claims)[name] = value
         try:
             team = self.auth.authenticate(self.bearer(self.forge(header, claims)))
-        except Rejected as e:
+        except Refusal as e:
             self.assertIn(e.reason, ("InvalidProviderToken", "ExpiredProviderToken"))
         else:
             self.assertEqual(team, "TEAM1")

@@ -210,7 +210,7 @@ class HeldBytesTests(unittest.TestCase):
         self.cache.calls[0].callback(False)
         self.assertEqual(frames_of(t.value())[0].status, wire.STATUS_OK)
         self.assertFalse(t.disconnecting, self.log.reasons())
-        self.assertEqual(p.topics, {TH})
+        self.assertEqual(p.session.topics, {TH})
 
 
 class CourierUsesTheRouterTests(unittest.TestCase):
@@ -232,3 +232,22 @@ class CourierUsesTheRouterTests(unittest.TestCase):
         (st,) = frames_of(t.value())
         p.dataReceived(wire.Unregister(topic=TH, token=st.scoped_token).encode())
         self.assertEqual(calls, [("revalidate", st.scoped_token), ("invalidate", st.scoped_token)])
+
+    def test_tokens_come_from_the_router(self):
+        gw = Gateway()
+        minter, calls = gw.router.tokens, []
+        gw.router.base_token = lambda device: calls.append("base") or minter.base_token(device)
+        gw.router.scoped_token = lambda device, th: calls.append("scoped") or minter.scoped_token(device, th)
+
+        class NoTokens:
+            def __getattr__(self, name):
+                raise AssertionError(f"the courier used router.tokens.{name}")
+
+        gw.router.tokens = NoTokens()
+        p, t, ack = gw.connected(Device())
+        self.assertEqual(ack.status, wire.STATUS_OK)
+        p.dataReceived(wire.ScopedToken(topic=TH).encode())
+        (st,) = frames_of(t.value())
+        p.dataReceived(wire.Unregister(topic=TH, token=st.scoped_token).encode())
+        self.assertFalse(t.disconnecting)
+        self.assertEqual(calls, ["base", "scoped", "scoped"])

@@ -154,7 +154,7 @@ class CourierReplayTests(unittest.TestCase):
         self.assertEqual(ack2.status, wire.STATUS_ERROR)
         self.assertTrue(t2.disconnecting)
         self.assertFalse(t1.disconnecting, "the real device's session was not replaced")
-        self.assertIs(self.gw.router.sessions[d.id], p1)
+        self.assertIs(self.gw.router.sessions[d.id], p1.session)
         self.assertEqual(self.gw.factory.auth_failures, 1)
         self.assertIn(f"Connect refused: replayed Connect of device {d.id} (its nonce was accepted before)",
                       self.log.reasons())
@@ -221,7 +221,7 @@ class RemoteCacheTests(unittest.TestCase):
         self.cache.calls[0].callback(False)
         self.assertEqual([type(m) for m in frames_of(self.t.value())], [wire.ConnectAck, wire.KeepAliveAck])
         self.assertFalse(self.t.disconnecting)
-        self.assertEqual(self.proto.topics, {TH})
+        self.assertEqual(self.proto.session.topics, {TH})
         self.assertEqual(self.t.producerState, "producing")
 
     def test_answer_after_the_connection_closed_does_nothing(self):

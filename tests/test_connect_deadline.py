@@ -118,7 +118,7 @@ class ByteBudgetTests(unittest.TestCase):
         proto.dataReceived(d.connect(self.gw.clock.seconds()).encode() + big)
         self.assertFalse(t.disconnecting)
         self.assertEqual(proto.device_id, d.id)
-        self.assertEqual(len(proto.topics), 400)
+        self.assertEqual(len(proto.session.topics), 400)
         self.assertEqual(proto.decoder.max_frame, wire.MAX_FRAME)
 
     def test_trickled_frame_grows_one_buffer_in_place(self):

@@ -3,6 +3,7 @@ import uuid
 from twisted.trial import unittest
 
 from pushd import wire
+from pushd.gateway.errors import Unregistered
 
 from .helpers import OTHER_CA_CERT, OTHER_CA_KEY, Device, Gateway, frames_of
 
@@ -25,7 +26,7 @@ class ConnectTests(unittest.TestCase):
         self.assertEqual((ack.unknown5, ack.capabilities), (b"", b""))
         self.assertEqual(ack.server_time, int(self.gw.clock.seconds() * 1000))
         self.assertIsNone(ack.keepalive_interval, "a plain APNs client sees no extension")
-        self.assertIs(self.gw.router.sessions[d.id], proto)
+        self.assertIs(self.gw.router.sessions[d.id], proto.session)
 
     def test_pushd_client_gets_keepalive_interval(self):
         proto, t = self.gw.connection()
@@ -109,9 +110,9 @@ class ConnectTests(unittest.TestCase):
         p2, t2, _ = self.gw.connected(d)
         self.assertTrue(t1.disconnecting)
         self.assertFalse(t2.disconnecting)
-        self.assertIs(self.gw.router.sessions[d.id], p2)
+        self.assertIs(self.gw.router.sessions[d.id], p2.session)
         p1.connectionLost(None)
-        self.assertIs(self.gw.router.sessions[d.id], p2, "old session's close must not detach the new one")
+        self.assertIs(self.gw.router.sessions[d.id], p2.session, "old session's close must not detach the new one")
 
 
 class SessionTests(unittest.TestCase):
@@ -180,7 +181,7 @@ class SessionTests(unittest.TestCase):
         self.assertEqual([n.payload for n in self.sent()], [b'{"n":2}'])
         gate.callback(None)
         self.assertEqual(self.sent(), [])
-        self.assertNotIn(first.message_id, self.proto.inflight)
+        self.assertNotIn(first.message_id, self.proto.session.inflight)
 
     def test_acks_of_one_read_deleted_in_one_store_call(self):
         calls = []
@@ -262,7 +263,7 @@ class SessionTests(unittest.TestCase):
         self.proto.dataReceived(wire.Unregister(token=self.token, topic=TH).encode())
         self.assertEqual(self.successResultOf(self.gw.store.invalidated(self.token)), self.gw.clock.seconds())
         d = self.gw.router.accept(self.token, TOPIC, b"{}", uuid.uuid4(), expiry=int(self.gw.clock.seconds()) + 60)
-        self.assertEqual(self.failureResultOf(d).value.status, 410)
+        self.assertEqual(self.failureResultOf(d, Unregistered).value.since, self.gw.clock.seconds())
         self.proto.dataReceived(wire.ScopedToken(token=b"x", topic=TH).encode())
         self.assertIsNone(self.successResultOf(self.gw.store.invalidated(self.token)))
 

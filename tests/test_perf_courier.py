@@ -153,21 +153,30 @@ class LazyStateTests(unittest.TestCase):
     def test_idle_connection_has_no_dict_and_shares_empty_containers(self):
         other, _, _ = self.gw.connected(Device())
         self.assertFalse(hasattr(self.proto, "__dict__") and self.proto.__dict__)
-        self.assertIs(self.proto.inflight, other.inflight)
-        self.assertIs(self.proto.declined, other.declined)
-        self.assertEqual(len(self.proto.inflight), 0)
+        self.assertFalse(hasattr(self.proto.session, "__dict__"))
+        self.assertIs(self.proto.session.inflight, other.session.inflight)
+        self.assertIs(self.proto.session.declined, other.session.declined)
+        self.assertIs(self.proto.session.topics, other.session.topics)
+        self.assertEqual(len(self.proto.session.inflight), 0)
+
+    def test_no_session_before_connect(self):
+        """An unauthenticated connection has no delivery state at all."""
+        proto, _ = self.gw.connection()
+        self.assertIsNone(proto.session)
+        self.assertFalse(hasattr(proto, "__dict__") and proto.__dict__)
 
     def test_containers_return_to_shared_empties(self):
-        empty = self.proto.inflight
+        session = self.proto.session
+        empty = session.inflight
         self.proto.dataReceived(wire.Filter(token=b"x", enabled=[TH]).encode())
         self.push(2)
         sent = frames_of(self.t.value())
         self.t.clear()
-        self.assertEqual(len(self.proto.inflight), 2)
+        self.assertEqual(len(session.inflight), 2)
         self.proto.dataReceived(b"".join(
             wire.NotificationAck(message_id=m.message_id, status=0).encode() for m in sent))
-        self.assertIs(self.proto.inflight, empty)
-        self.assertEqual(len(self.proto._acking), 0)
+        self.assertIs(session.inflight, empty)
+        self.assertIsNone(session._acked)
 
     def test_backlog_goes_out_in_one_write(self):
         self.push(3)

@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from pushd import ctl, wire
 from pushd.gateway.registry import MAX_LIST, DeviceRegistry
-from pushd.gateway.router import Unregistered
+from pushd.gateway.errors import Unregistered
 from pushd.store.interfaces import IDeviceRegistry
 from zope.interface.verify import verifyObject
 
@@ -113,7 +113,7 @@ class CourierRegistryTests(unittest.TestCase):
         self.registry.record_cert(d.cert, "test")
         proto, transport, ack = self.gw.connected(d)
         self.assertEqual(ack.status, wire.STATUS_OK)
-        self.assertIs(self.gw.router.sessions[d.id], proto)
+        self.assertIs(self.gw.router.sessions[d.id], proto.session)
 
         self.registry.revoke(d.id, self.gw.clock.seconds())
         self.gw.router.revoked([d.id])

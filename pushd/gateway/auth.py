@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from pushd import private
 from pushd.filewatch import FileWatch
-from pushd.gateway.router import Rejected
+from pushd.gateway.errors import ProviderTokenRefused, TooManyProviderTokenUpdates
 
 #: APNs refuses a token whose iat is older than one hour.
 TOKEN_LIFETIME = 3600
@@ -157,22 +157,22 @@ class Authenticator:
 
     def authenticate(self, header: bytes | None, may_verify=None):
         """
-        Return the team id (None for the static operator key); raise Rejected. A token not
-        seen before is verified only if ``may_verify()`` (when given) says so: else 429
-        TooManyProviderTokenUpdates, APNs' reason for tokens changed too often.
+        Return the team id (None for the static operator key); raise ProviderTokenRefused.
+        A token not seen before is verified only if ``may_verify()`` (when given) says so:
+        else TooManyProviderTokenUpdates, APNs' reason for tokens changed too often.
         """
         if not header:
-            raise Rejected(403, "MissingProviderToken")
+            raise ProviderTokenRefused("MissingProviderToken")
         scheme, _, token = header.partition(b" ")
         token = token.strip()
         if scheme.lower() != b"bearer" or not token:
-            raise Rejected(403, "MissingProviderToken")
+            raise ProviderTokenRefused("MissingProviderToken")
         if token.count(b".") != 2:
             if any(hmac.compare_digest(token, k) for k in self.static_keys):
                 return None
-            raise Rejected(403, "InvalidProviderToken")
+            raise ProviderTokenRefused("InvalidProviderToken")
         if len(token) > MAX_TOKEN:
-            raise Rejected(403, "InvalidProviderToken")
+            raise ProviderTokenRefused("InvalidProviderToken")
         self._reload()
         now = self.now()
         hit = self._cache.get(token)
@@ -185,13 +185,13 @@ class Authenticator:
             if failed is not None:
                 if now - failed < FAILED_TTL:
                     self.failed_hits += 1
-                    raise Rejected(403, "InvalidProviderToken")
+                    raise ProviderTokenRefused("InvalidProviderToken")
                 del self._failed[digest]
             if may_verify is not None and not may_verify():
-                raise Rejected(429, "TooManyProviderTokenUpdates")
+                raise TooManyProviderTokenUpdates()
             try:
                 team, iat = self._verify(token, now)
-            except Rejected:
+            except ProviderTokenRefused:
                 self._failed[digest] = now
                 while len(self._failed) > FAILED_CACHE_SIZE:
                     self._failed.popitem(last=False)
@@ -200,34 +200,34 @@ class Authenticator:
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         if now - iat > TOKEN_LIFETIME:
-            raise Rejected(403, "ExpiredProviderToken")
+            raise ProviderTokenRefused("ExpiredProviderToken")
         return team
 
     def _verify(self, token: bytes, now: float):
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except _BAD_TOKEN:
-            raise Rejected(403, "InvalidProviderToken") from None
+            raise ProviderTokenRefused("InvalidProviderToken") from None
         if not isinstance(kid, str):
-            raise Rejected(403, "InvalidProviderToken")
+            raise ProviderTokenRefused("InvalidProviderToken")
         if kid not in self._public:
             # A key registered a moment ago (pushctl keys add) must work at once: look again.
             self._reload(force=True)
         entry = self._public.get(kid)
         if entry is None:
-            raise Rejected(403, "InvalidProviderToken")
+            raise ProviderTokenRefused("InvalidProviderToken")
         team, public = entry
         try:
             claims = jwt.decode(token, public, algorithms=ALGORITHMS, options=_DECODE_OPTIONS)
         except _BAD_TOKEN:
-            raise Rejected(403, "InvalidProviderToken") from None
+            raise ProviderTokenRefused("InvalidProviderToken") from None
         iss, iat = claims.get("iss"), claims.get("iat")
         # iat an integer (not a bool, float or string); iss equal to the key's team, which
         # only that very string is.
         if type(iat) is not int or iss != team:
-            raise Rejected(403, "InvalidProviderToken")
+            raise ProviderTokenRefused("InvalidProviderToken")
         if iat - now > FUTURE_SKEW:
-            raise Rejected(403, "InvalidProviderToken")
+            raise ProviderTokenRefused("InvalidProviderToken")
         self.verified += 1
         return team, iat
 

@@ -1,7 +1,10 @@
 """
-Accept -> persist -> wake. The provider API hands notifications here; the courier
-connections register here. A wake carries no payload: the connection reads what is
-pending from the store, so a device that connects between persist and wake loses nothing.
+Accept -> persist -> wake. The provider API hands notifications here; the devices'
+sessions (ISession, pushd/gateway/session.py) attach here. A wake carries no payload: the
+session reads what is pending from the store, so a device that connects between persist
+and wake loses nothing. Refusals are domain errors (pushd/gateway/errors.py); their HTTP
+statuses are the provider API's business. The courier reaches the store and the tokens
+through the router only.
 """
 
 from __future__ import annotations
@@ -12,37 +15,29 @@ import uuid
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 from pushd import wire
+from pushd.gateway.errors import BadToken, ShuttingDown, StoreDown, Unregistered
 from pushd.gateway.tokens import TokenError
 from pushd.store.interfaces import StoredMessage, StoreUnavailable
 
 
-class Rejected(Exception):
-    """A provider request refused with an APNs status and reason (and extra JSON fields)."""
-
-    def __init__(self, status: int, reason: str, **extra):
-        super().__init__(f"{status} {reason}")
-        self.status = status
-        self.reason = reason
-        self.extra = extra
-
-
-class Unregistered(Exception):
-    """The device is revoked, since ``since`` (UNIX seconds): the HTTP layer answers APNs' 410 Unregistered."""
-
-    def __init__(self, since: float):
-        super().__init__(f"unregistered since {since}")
-        self.since = since
-
-
 class ISession(Interface):
-    """A device's live courier connection, as the router sees it. ``router.attach`` sets its
-    ``epoch`` attribute: unique on this node, so that a kick names one session."""
+    """
+    A device's live delivery state on this node (pushd.gateway.session.Session), as the
+    router (and the cluster) sees it. The courier connection creates one per verified
+    Connect and attaches it; the router wakes it when something is stored for its device,
+    and closes it when another connection of the device takes over or the device is revoked.
+    """
+
+    device_id = Attribute("The device this session delivers to (hex of its certificate's id).")
+    epoch = Attribute(
+        "Set by Router.attach: an int, larger for each attach on this node. Tells an older "
+        "session of a device from a newer one (a kick names the epoch it closes).")
 
     def wake():
-        """Something new may be pending for this device."""
+        """Something new may be pending for this device: read the store and send."""
 
     def replaced():
         """Another connection of the same device took over; go away."""
@@ -59,7 +54,7 @@ class Router:
 
     def __init__(self, store, tokens, clock=None, node="local", registry=None):
         self.store = store
-        #: The device registry (IDeviceRegistry): pushes to revoked devices answer 410.
+        #: The device registry (IDeviceRegistry): pushes to revoked devices are refused (Unregistered).
         self.registry = registry
         self.tokens = tokens
         self._clock = clock
@@ -69,10 +64,11 @@ class Router:
         # Session epochs: from the start time in ms, so that a node restarted under the same
         # --node-id never reuses one (a stale kick must not close a new session).
         self._epochs = itertools.count(int(self.now() * 1000))
+        #: device id -> its ISession on this node.
         self.sessions: dict = {}
         self.accepted = 0
         self.dropped_offline = 0
-        #: Set when the gateway stops: providers get 503 Shutdown and go elsewhere.
+        #: Set when the gateway stops: pushes are refused (ShuttingDown), providers go elsewhere.
         self.shutting_down = False
 
     def now(self) -> float:
@@ -81,6 +77,8 @@ class Router:
     # --- presence ---------------------------------------------------------------
 
     def attach(self, device_id: str, session) -> None:
+        """``session`` (ISession) is now the device's live session here; it gets its epoch,
+        and an older session of the device is closed."""
         session.epoch = next(self._epochs)
         old = self.sessions.get(device_id)
         self.sessions[device_id] = session
@@ -161,13 +159,14 @@ class Router:
         priority: int = 10,
         collapse_id: str | None = None,
     ):
-        """Fire once the notification is durable (or needs no storing); fail with Rejected."""
+        """Fire once the notification is durable (or needs no storing); fail with a
+        pushd.gateway.errors.Refusal: ShuttingDown, BadToken, Unregistered, StoreDown."""
         if self.shutting_down:
-            return defer.fail(Rejected(503, "Shutdown"))
+            return defer.fail(ShuttingDown())
         try:
             device_id, _ = self.tokens.resolve(token, topic)
         except TokenError as e:
-            return defer.fail(Rejected(400, e.reason))
+            return defer.fail(BadToken(e.reason))
         if self.registry is not None:
             revoked = self.registry.revoked_at(device_id)
             if revoked is not None:
@@ -218,14 +217,22 @@ class Router:
     @staticmethod
     def _gone(since):
         if since is not None:
-            raise Rejected(410, "Unregistered", timestamp=int(since * 1000))
+            raise Unregistered(since)
 
     def _unavailable(self, failure):
         failure.trap(StoreUnavailable)
         self.log.warn("store unavailable: {why}", why=failure.getErrorMessage())
-        raise Rejected(503, "ServiceUnavailable")
+        raise StoreDown()
 
     # --- the courier side -------------------------------------------------------
+
+    def base_token(self, device_id: str) -> bytes:
+        """The device's own token (ConnectAck): reaches any of its topics."""
+        return self.tokens.base_token(device_id)
+
+    def scoped_token(self, device_id: str, topic_hash: bytes) -> bytes:
+        """The device's token for one topic; TokenError if ``topic_hash`` is not a SHA-1 hash."""
+        return self.tokens.scoped_token(device_id, topic_hash)
 
     def pending(self, device_id: str, topic_hashes, limit: int):
         return self.store.pending(device_id, topic_hashes, limit, self.now())
@@ -239,5 +246,5 @@ class Router:
         return self.store.revalidate(token)
 
     def invalidate(self, token: bytes, when: float):
-        """A device unregistered a topic: pushes to its token answer 410 from ``when``."""
+        """A device unregistered a topic: pushes to its token are refused (Unregistered) from ``when``."""
         return self.store.invalidate(token, when)

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from pushd import wire
 from pushd.gateway import enrol
 from pushd.gateway.enrol import MAX_BODY as ENROL_LIMIT
-from pushd.gateway.router import Rejected, Unregistered
+from pushd.gateway import errors
 
 PUSH_TYPES = {
     b"alert", b"background", b"voip", b"complication", b"fileprovider",
@@ -66,6 +66,36 @@ class _Ids:
 
 
 new_apns_id = _Ids().new
+
+
+class Rejected(Exception):
+    """A request refused by the provider API's own rules, with its HTTP status and APNs reason."""
+
+    def __init__(self, status: int, reason: str, **extra):
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.extra = extra
+
+
+#: The domain's refusals (pushd/gateway/errors.py) as HTTP statuses, as APNs answers them.
+REFUSAL_STATUS = {
+    errors.ShuttingDown: 503,
+    errors.StoreDown: 503,
+    errors.BadToken: 400,
+    errors.Unregistered: 410,
+    errors.ProviderTokenRefused: 403,
+    errors.TooManyProviderTokenUpdates: 429,
+}
+
+
+def refused(e: errors.Refusal) -> Rejected:
+    """A domain refusal as the provider API answers it: status, reason, and 410's timestamp (ms)."""
+    extra = dict(e.extra)
+    if isinstance(e, errors.Unregistered):
+        extra["timestamp"] = int(e.since * 1000)
+    status = next((REFUSAL_STATUS[c] for c in type(e).__mro__ if c in REFUSAL_STATUS), 500)
+    return Rejected(status, e.reason, **extra)
 
 
 class Answer(NamedTuple):
@@ -149,10 +179,13 @@ class DeviceAPI:
             return Refused(_answer(405, apns_id, "MethodNotAllowed"), False)
         authenticated = False
         try:
-            if self.verify_limit is None or source is None:
-                team = self.auth.authenticate(header(b"authorization"))
-            else:
-                team = self.auth.authenticate(header(b"authorization"), partial(self.verify_limit.allow, source))
+            try:
+                if self.verify_limit is None or source is None:
+                    team = self.auth.authenticate(header(b"authorization"))
+                else:
+                    team = self.auth.authenticate(header(b"authorization"), partial(self.verify_limit.allow, source))
+            except errors.Refusal as e:
+                raise refused(e) from None
             authenticated = True
             t = Ticket("device", wire.MAX_PAYLOAD, peer, True)
             t.apns_id, t.id_bytes, t.team = apns_id, id_bytes, team
@@ -254,10 +287,8 @@ class DeviceAPI:
         return d.addCallbacks(lambda _: _answer(200, apns_id), self._failed, errbackArgs=(apns_id,))
 
     def _failed(self, failure, apns_id):
-        if failure.check(Unregistered):
-            return _answer(410, apns_id, "Unregistered", timestamp=int(failure.value.since * 1000))
-        if failure.check(Rejected):
-            e = failure.value
+        if failure.check(errors.Refusal):
+            e = refused(failure.value)
             return _answer(e.status, apns_id, e.reason, **e.extra)
         self.log.failure("accepting {apns_id} failed", failure, apns_id=apns_id)
         return _answer(500, apns_id, "InternalServerError")
