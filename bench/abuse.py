@@ -73,7 +73,8 @@ WHAT = {
     "trickle": "courier: a frame header declaring 32,768 bytes, 32,000 of them at once, then "
                "1 byte every 5 s",
     "slowloris": "provider port, HTTP/1.1: request line and headers, then 1 header byte every 5 s",
-    "rapid-reset": "HTTP/2 HEADERS (a whole request, no authorization) + RST_STREAM, in a loop",
+    "rapid-reset": "HTTP/2 HEADERS (a whole request, no authorization) + RST_STREAM, in a loop, "
+                   "on all its connections at once (opened first, up to 3 s), re-dialled as they are closed",
     "connections": "half TCP connects that send nothing, half a TLS ClientHello and nothing more; "
                    "both ports",
     "enrol": "keep-alive connections POSTing enrolments with a wrong MAC as fast as answered, "
@@ -366,6 +367,15 @@ def run_one(name, flood, mode, params, gw, honest, sampler, rate, enrol_body) ->
         divisor = max(1, result.get("opened") or 0) if flood == "hpack" else peak
         if row["rss_peak_kib"] and row["rss_before_kib"]:
             row["kib_per_connection"] = _r((row["rss_peak_kib"] - row["rss_before_kib"]) / divisor, 1)
+    began = (result.get("counters") or {}).get("resets_began")
+    held = (result.get("counters") or {}).get("held_before_resets")
+    if began and held and row["rss_before_kib"]:
+        # RSS with the connections open and not yet resetting: what they hold as such, apart
+        # from what parsing the resets grows the heap by.
+        at = [s for s in sampler.samples if t_start <= s[0] <= began]
+        if at:
+            row["rss_held_kib"] = at[-1][1]
+            row["kib_per_connection_held"] = _r((at[-1][1] - row["rss_before_kib"]) / held, 1)
     log(json.dumps({k: row[k] for k in ("flood", "from", "rss_before_kib", "rss_peak_kib", "rss_after_kib",
                                          "fds_peak", "gateway_cpu_pct", "emfile_lines", "honest")}))
     if flood:
@@ -413,7 +423,14 @@ def note(row) -> str:
         parts.append(f"{c.get('trickled_bytes', 0)} bytes trickled; {r['closed_by_gateway']} closed by the gateway")
     elif f == "rapid-reset":
         secs = row["seconds"]
-        parts.append(f"{c.get('requests', 0)} requests sent ({c.get('requests', 0) / secs:.0f}/s), "
+        held = c.get("held_before_resets", 0)
+        if row.get("rss_held_kib") is not None:
+            held = (f"{held} connections open when the resets began (gateway RSS then {mib(row['rss_held_kib'])} MiB, "
+                    f"{row['kib_per_connection_held']} KiB per connection)")
+        else:
+            held = f"{held} connections open when the resets began"
+        parts.append(f"{held}; "
+                     f"{c.get('requests', 0)} requests sent ({c.get('requests', 0) / secs:.0f}/s), "
                      f"{c.get('answers', 0)} answered")
     elif f == "connections":
         parts.append(f"{c.get('client_hellos', 0)} ClientHellos; {r['closed_by_gateway']} closed by the gateway")
@@ -486,7 +503,8 @@ def write_report(results, out: Path, before=None):
         f"{floods.ONE_ADDRESS} (\"one\") or a different 127.x.y.z per connection (\"many\").",
         "",
         f"Baseline (no flood, {base['seconds']:g} s): honest push p50 {b['p50_ms']} ms, p99 {b['p99_ms']} ms; "
-        f"gateway RSS {mib(base['rss_before_kib'])} MiB, {base['fds_before']} fds. Targets (issue 10): at most "
+        f"gateway RSS {mib(base['rss_before_kib'])} MiB (it moved {_noise(base)} KiB with no flood: the noise "
+        f"under every RSS figure), {base['fds_before']} fds. Targets (issue 10): at most "
         f"{MAX_KIB_PER_CONNECTION} KiB of gateway memory per unauthenticated connection, total bounded by the caps, "
         f"honest p99 within {MAX_P99_FACTOR}× the baseline ({MAX_P99_FACTOR * (b['p99_ms'] or 0):.0f} ms), "
         "no EMFILE.",
@@ -518,7 +536,9 @@ def write_report(results, out: Path, before=None):
     lines += [
         "",
         "KiB per conn: (peak RSS − RSS before) ÷ connections held at the peak (for hpack: ÷ blocks sent, "
-        "the connections being one after the other). Honest latency is send (provider) to print (app), "
+        "the connections being one after the other; rapid-reset opens all its connections before the resets "
+        "begin, so the peak holds them together, each mid-flood); the baseline's RSS movement with no flood "
+        "is the noise under it. Honest latency is send (provider) to print (app), "
         "over the pushes sent during the flood; lost: answered 200 but never printed, refused: not "
         "answered 200 (or never sent: the provider's connection was gone), both over the whole run "
         "(before, during and after the flood). \"new honest TLS ok\": handshakes "
@@ -529,6 +549,13 @@ def write_report(results, out: Path, before=None):
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
+
+
+def _noise(base) -> str:
+    """RSS peak − before in the baseline run: what the gateway's RSS moves by with no flood."""
+    if base.get("rss_peak_kib") is None or base.get("rss_before_kib") is None:
+        return "?"
+    return f"{base['rss_peak_kib'] - base['rss_before_kib']:+d}"
 
 
 def commit() -> str:

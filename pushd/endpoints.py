@@ -63,6 +63,11 @@ class LeanTLSProtocol(BufferingTLSTransport):
     #: A read at least this large is followed by fresh BIOs (once they are drained).
     BIG_READ = 16 * 1024
 
+    @property
+    def handshake_done(self) -> bool:
+        """Past its handshake (or failed): pushd.admission stops pacing its reads."""
+        return self._handshakeDone or self._lostTLSConnection
+
     def dataReceived(self, data):
         super().dataReceived(data)
         if self._handshakeDone and not self._lostTLSConnection:

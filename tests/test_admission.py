@@ -246,7 +246,8 @@ class GatewayWiringTests(unittest.TestCase):
                         "--courier", "tls:tcp:0:interface=127.0.0.1", "--courier", "tls:tcp:0:interface=127.0.0.1",
                         "--provider", "tls:tcp:0:interface=127.0.0.1",
                         "--max-per-address", "7", "--provider-max-per-address", "5", "--connect-rate", "3",
-                        "--max-connections", "900", "--provider-max-connections", "90"])
+                        "--max-connections", "900", "--provider-max-connections", "90",
+                        "--preauth-reads-per-turn", "3"])
         top = tap.makeService(o, reactor)
         factories = [svc.factory for svc in top if hasattr(svc, "endpoint")]
         self.assertEqual(len(factories), 3)
@@ -259,6 +260,8 @@ class GatewayWiringTests(unittest.TestCase):
         p = factories[2].admission
         self.assertEqual((c.name, c.max_connections, c.max_per_address, c.rate), ("courier", 900, 7, 3.0))
         self.assertEqual((p.name, p.max_connections, p.max_per_address), ("provider", 90, 5))
+        self.assertEqual((c.pacer.budget, p.pacer.budget), (3, 3))
+        self.assertIsNot(c.pacer, p.pacer, "one pacer per role")
 
 
 class Recorder(protocol.Protocol):

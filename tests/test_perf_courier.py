@@ -303,3 +303,53 @@ class HeapTrimmerTests(unittest.TestCase):
         proto.connectionLost(None)
         gw.clock.advance(2)
         self.assertEqual(calls, [0])
+
+
+class FakeGC:
+    def __init__(self):
+        self.calls = []
+        self.count = 0
+
+    def collect(self):
+        self.calls.append("collect")
+
+    def freeze(self):
+        self.calls.append("freeze")
+        self.count = 1234
+
+    def get_freeze_count(self):
+        return self.count
+
+    def unfreeze(self):
+        self.calls.append("unfreeze")
+        self.count = 0
+
+
+class FrozenStartupTests(unittest.TestCase):
+    """A gateway's start-up heap is frozen once it runs, so full collections skip it (one
+    took 86-87 ms during an HTTP/2 flood, 25-37 ms of it the start-up heap)."""
+
+    def test_frozen_after_start_and_thawed_on_stop(self):
+        from pushd.gateway.heap import FrozenStartup
+
+        clock, fake = task.Clock(), FakeGC()
+        svc = FrozenStartup(clock, gc=fake)
+        svc.startService()
+        self.assertEqual(fake.calls, [], "not before the reactor runs")
+        clock.advance(0)
+        self.assertEqual(fake.calls, ["collect", "freeze"])
+        self.assertEqual(svc.frozen, 1234)
+        svc.stopService()
+        self.assertEqual(fake.calls[-1], "unfreeze")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_gateway_has_one(self):
+        from twisted.internet import reactor
+
+        from pushd.gateway import tap
+        from pushd.gateway.heap import FrozenStartup
+
+        o = tap.Options()
+        o.parseOptions(["--state-dir", self.mktemp(), "--store", "memory", "--courier", "tcp:0:interface=127.0.0.1"])
+        top = tap.makeService(o, reactor)
+        self.assertEqual(sum(isinstance(s, FrozenStartup) for s in top), 1)

@@ -39,6 +39,11 @@ class CourierServerProtocol(Protocol):
         "_deadline", "_wheelslot", "_proving",
     )
 
+    @property
+    def authenticated(self) -> bool:
+        """Its Connect was verified (pushd.admission stops pacing its reads)."""
+        return self.device_id is not None
+
     def __init__(self):
         self.factory = None
         self.transport = None

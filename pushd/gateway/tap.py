@@ -13,6 +13,7 @@ from twisted.python import usage
 
 from pushd import config, tls
 from pushd.admission import Admission, fit_fd_limit
+from pushd.gateway.heap import FrozenStartup
 from pushd.endpoints import BadListener, listener
 from pushd.gateway.auth import Authenticator
 from pushd.gateway.cluster import Node, default_node_id
@@ -78,6 +79,7 @@ class Options(config.Options):
         ["connect-burst", None, 40.0, "New connections from one address allowed in a burst, per role.", config.within("connect-burst", float, 1)],
         ["ipv6-prefix", None, 64, "IPv6 sources count per prefix of this length for the per-address limits.", config.within("ipv6-prefix", int, 8, 128)],
         ["max-addresses", None, 16384, "Source addresses with no live connection remembered for their rate bucket, per role.", config.within("max-addresses", int, 1)],
+        ["preauth-reads-per-turn", None, 4, "Reads of connections not yet authenticated (TLS handshake, Connect or provider token) handled per reactor turn, per role; the others wait for the next turns (0: no pacing).", config.within("preauth-reads-per-turn", int, 0)],
         # Provider API limits before authentication (docs/security.md, "Provider API limits").
         ["header-deadline", None, 5.0, "Seconds from a provider connection's start (or a request's first byte) "
          "to its complete request headers (HTTP/1.1, or before a valid token: and body); trickling does not "
@@ -169,7 +171,8 @@ def _admissions(options, reactor):
     """One Admission per role, shared by its listeners; the caps fitted to the fd limit."""
     caps = fit_fd_limit({"courier": options["max-connections"], "provider": options["provider-max-connections"]})
     common = dict(rate=options["connect-rate"], burst=options["connect-burst"],
-                  ipv6_prefix=options["ipv6-prefix"], max_addresses=options["max-addresses"])
+                  ipv6_prefix=options["ipv6-prefix"], max_addresses=options["max-addresses"],
+                  preauth_reads_per_turn=options["preauth-reads-per-turn"])
     return (
         Admission("courier", reactor, caps["courier"], options["max-per-address"], **common),
         Admission("provider", reactor, caps["provider"], options["provider-max-per-address"], **common),
@@ -260,6 +263,7 @@ def makeService(options, reactor=None):
     revocations = internet.TimerService(1.0, lambda: router.revoked(registry.poll()))
     revocations.clock = reactor
     revocations.setServiceParent(top)
+    FrozenStartup(reactor).setServiceParent(top)  # full GCs scan only what came after start-up
     expiry = internet.TimerService(60, _expire, store, router)
     expiry.clock = reactor
     expiry.setServiceParent(top)

@@ -263,6 +263,11 @@ class PrefaceSniffingChannel(http._GenericHTTPChannelProtocol):
 
     _sniffed = b""
 
+    @property
+    def authenticated(self) -> bool:
+        """A valid provider token came on this connection (pushd.admission stops pacing it)."""
+        return bool(getattr(self._channel, "authenticated", False))
+
     def dataReceived(self, data):
         if self._negotiatedProtocol is None:
             if getattr(self._channel.transport, "negotiatedProtocol", None) == b"h2":
