@@ -12,8 +12,9 @@ from pushd.store.interfaces import Enqueued, Owner
 from pushd.store.redis import RedisStore
 from pushd.store.redisbus import RedisNodeBus
 
-from .bus_contract import BusContract, until
-from .redis_server import RedisServer
+from .bus_contract import BusContract, Listener, until
+from .redis_server import RedisSentinel, RedisServer
+from .test_store_sentinel import replicated
 from .store_contract import DEV, msg
 
 
@@ -81,5 +82,32 @@ class RedisClusterTests(BusContract, unittest.TestCase):
         yield self.redis.restart()
         yield until(lambda: one.connects == 2, within=30, what="subscribed again")
         sender = self.makeBus()
+        self.assertEqual((yield sender.publish("node-1", b"a")), 1)
+        yield until(lambda: one.messages == [b"a"], what="delivered")
+
+
+class SentinelBusTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_the_subscription_follows_a_failover(self):
+        """After Sentinel promotes a replica, the node subscribes on the new master (a node
+        that stays subscribed to the dead one would silently receive nothing)."""
+        master = yield RedisServer(self).start()
+        replica = yield RedisServer(self, replica_of=master).start()
+        yield replicated(master, 1)
+        sentinel = yield RedisSentinel(self, master, "pushd-test").start()
+        yield sentinel.knows_replicas(1)
+        store = RedisStore(sentinel.store_url(), per_topic=10, timeout=1.0)
+        self.addCleanup(store.close)
+        yield until(lambda: store.master is not None, what="connected to the master")
+        bus, one = RedisNodeBus(store), Listener()
+        self.addCleanup(bus.close)
+        bus.listen("node-1", one.received, one.connected)
+        yield until(lambda: one.connects == 1, what="subscribed")
+        yield master.kill()
+        yield until(lambda: store.master == ("127.0.0.1", replica.port), within=30, what="failed over")
+        yield until(lambda: one.connects >= 2, within=30, what="subscribed on the new master")
+        sender = RedisNodeBus(store)
         self.assertEqual((yield sender.publish("node-1", b"a")), 1)
         yield until(lambda: one.messages == [b"a"], what="delivered")
