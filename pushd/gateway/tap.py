@@ -5,6 +5,7 @@ as one MultiService.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from twisted.application import internet, service
@@ -14,7 +15,7 @@ from twisted.python import usage
 from pushd import config, tls
 from pushd.admission import Admission, fit_fd_limit
 from pushd.gateway.heap import FrozenStartup
-from pushd.endpoints import BadListener, listener
+from pushd.endpoints import BadListener, listener, reuse_port_endpoint, split_tls
 from pushd.gateway.auth import Authenticator
 from pushd.gateway.cluster import Node, default_node_id
 from pushd.gateway.courier import CourierFactory
@@ -27,6 +28,7 @@ from pushd.gateway.replay import DEFAULT_SIZE as DEFAULT_REPLAY_CACHE_SIZE, Memo
 from pushd.gateway.replay import DEFAULT_PER_DEVICE as DEFAULT_REPLAY_PER_DEVICE
 from pushd.gateway.ratelimit import Buckets
 from pushd.gateway.router import Router
+from pushd.gateway.workers import Supervisor, refuse_reuse_port_supervisor, refuse_unshared_store, state_lock
 from pushd.gateway.tokens import TokenMinter
 from pushd.store import check_store, open_bus, open_store
 from pushd.store.interfaces import StoreUnavailable
@@ -126,11 +128,24 @@ class Options(config.Options):
          config.within("node-heartbeat", float, 0.1, 60)],
         ["node-ttl", None, 9.0, "Seconds a node counts as alive after its last heartbeat; then its devices "
          "count as absent. More than --node-heartbeat.", config.within("node-ttl", float, 0.5, 600)],
+        # --- workers: N gateway processes on one host (docs/workers.md) ---
+        ["workers", None, 1, "Gateway processes on this host sharing the courier and provider ports "
+         "(tcp listeners, SO_REUSEPORT); each is a node with its own limits. More than 1 needs a shared "
+         "store (--store redis://HOST:PORT/DB).", config.within("workers", int, 1, 512)],
+        ["worker-backoff", None, 30.0, "Longest wait (s) before restarting a worker that keeps dying "
+         "(the first restart waits 1 s, doubling).", config.within("worker-backoff", float, 1)],
+        ["worker-restarts", None, 10, "Worker restarts allowed within 60 s (all workers); beyond, all are "
+         "stopped and the supervisor exits with status 1.", config.within("worker-restarts", int, 1)],
+        ["worker-stop-timeout", None, 30.0, "Seconds the supervisor waits for its workers to exit after "
+         "SIGTERM (they drain); then SIGKILL.", config.within("worker-stop-timeout", float, 1)],
     ]
     optFlags = [
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
         ["legacy-certs", None, "Accept device certificates of this CA missing from the device registry (issued "
                                "before it existed), and record them on first Connect."],
+        # --- workers (docs/workers.md) ---
+        ["reuse-port", None, "Open tcp listeners with SO_REUSEPORT, so that several gateway processes share "
+                             "a port (set in --workers' processes; for pushd-gateway@.service instances)."],
     ]
     multi = {
         "courier": ["tls:5223"],
@@ -138,12 +153,21 @@ class Options(config.Options):
         "hostname": ["localhost", "127.0.0.1"],
     }
 
+    def parseOptions(self, options=None):
+        # Kept for --workers: each worker is started with the same options.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
     def postOptions(self):
         super().postOptions()
         try:  # a bad --store: one line naming the option and the forms, before anything starts
             check_store(self["store"])
         except ValueError as e:
             raise usage.UsageError(str(e))
+        refusal = (refuse_unshared_store(self["workers"], self["store"])
+                   or refuse_reuse_port_supervisor(self["workers"], self["reuse-port"]))
+        if refusal:
+            raise usage.UsageError(refusal)
 
     def opt_courier(self, description):
         """Courier listener (endpoint string; tls: wraps it in pushd TLS). Repeatable. [default: tls:5223]"""
@@ -206,11 +230,40 @@ def provider_limits(options) -> Limits:
     )
 
 
+def supervisor(options, reactor):
+    """
+    ``--workers N``: the supervisor. It checks the listeners and creates the state the
+    workers share (CA, keys, secrets, the device registry's file) once, so N first starts
+    do not race to create them; it opens no store and no port itself.
+    """
+    for desc in (*options["courier"], *options["provider"]):
+        try:
+            reuse_port_endpoint(reactor, split_tls(desc)[1])
+        except (ValueError, KeyError, TypeError) as e:
+            raise usage.UsageError(f"--workers {options['workers']}: bad listener {desc!r}: {e}")
+    state = Path(options["state-dir"])
+    with state_lock(state):
+        tls.load_or_create_pki(state, list(options["hostname"]))
+        tls.secret_file(state / "token.secret")
+    try:
+        DeviceRegistry(state / "devices.sqlite3").close()
+    except RegistryError as e:
+        raise usage.UsageError(str(e))
+    return Supervisor(
+        options.argv, options["workers"], reactor, backoff=options["worker-backoff"],
+        max_restarts=options["worker-restarts"], stop_timeout=options["worker-stop-timeout"],
+    )
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    if options["workers"] > 1:
+        return supervisor(options, reactor)
     state = Path(options["state-dir"])
-    pki = tls.load_or_create_pki(state, list(options["hostname"]))
+    with state_lock(state):
+        pki = tls.load_or_create_pki(state, list(options["hostname"]))
+        token_secret = tls.secret_file(state / "token.secret")
     try:
         store = open_store(options["store"], state, options["queue-size"], reactor, options["sqlite-synchronous"],
                            redis_wait=options["redis-wait"])
@@ -220,7 +273,7 @@ def makeService(options, reactor=None):
         registry = DeviceRegistry(state / "devices.sqlite3", legacy=bool(options["legacy-certs"]))
     except RegistryError as e:
         raise usage.UsageError(str(e))
-    router = Router(store, TokenMinter(tls.secret_file(state / "token.secret")), reactor, registry=registry)
+    router = Router(store, TokenMinter(token_secret), reactor, registry=registry)
 
     top = service.MultiService()
     StoreService(store, router).setServiceParent(top)
@@ -266,10 +319,10 @@ def makeService(options, reactor=None):
     try:
         for desc in options["courier"]:
             listener(reactor, desc, courier, pki.server_options(tls.COURIER_ALPN),
-                     courier_admission).setServiceParent(top)
+                     courier_admission, reuse_port=bool(options["reuse-port"])).setServiceParent(top)
         for desc in options["provider"]:
             listener(reactor, desc, site, pki.server_options(tls.PROVIDER_ALPN),
-                     provider_admission).setServiceParent(top)
+                     provider_admission, reuse_port=bool(options["reuse-port"])).setServiceParent(top)
     except BadListener as e:
         raise usage.UsageError(str(e))
     # pushctl device revoke writes the registry; the gateway notices within a second.
