@@ -59,6 +59,8 @@ class Router:
         self.tokens = tokens
         self._clock = clock
         self.node = node
+        #: The cluster hook (pushd.gateway.cluster.Node): wakes and kicks for other nodes.
+        self.cluster = None
         # Session epochs: from the start time in ms, so that a node restarted under the same
         # --node-id never reuses one (a stale kick must not close a new session).
         self._epochs = itertools.count(int(self.now() * 1000))
@@ -88,13 +90,13 @@ class Router:
         if old is not None and old is not session:
             self.log.info("device {device} reconnected: closing its old session", device=device_id)
             old.replaced()
-        self.store.claim(device_id, self.node).addErrback(self._presence_failed, device_id)
+        self._claim(device_id, session)
 
     def detach(self, device_id: str, session) -> None:
         if self.sessions.get(device_id) is session:
             del self.sessions[device_id]
             if not self.released:
-                self.store.release(device_id, self.node).addErrback(self._presence_failed, device_id)
+                self._release(device_id, session)
 
     # --- the drain ------------------------------------------------------------------
 
@@ -147,6 +149,43 @@ class Router:
         why = self.registry.check(cert_der, device_id, now)
         return None if why is None else str(why)
 
+    # --- the cluster: presence, wakes and kicks across nodes ------------------------------
+
+    def _claim(self, device_id, session):
+        d = self.store.claim(device_id, self.node, session.epoch)
+        d.addCallbacks(self._claimed, self._presence_failed, (device_id,), {}, (device_id,))
+
+    def _claimed(self, before, device_id):
+        # Another live node held the device: its session there is stale (one per cluster).
+        if before is not None and before.node != self.node and self.cluster is not None:
+            self.cluster.kick(before.node, device_id, before.epoch)
+
+    def _release(self, device_id, session):
+        self.store.release(device_id, self.node, session.epoch).addErrback(self._presence_failed, device_id)
+
+    def _wake(self, device_id, owner):
+        """Something is stored for the device: wake its session here, and its owner if elsewhere."""
+        if owner is not None and owner.node != self.node and self.cluster is not None:
+            self.cluster.wake(owner.node, device_id)
+        session = self.sessions.get(device_id)
+        if session is not None:
+            session.wake()
+
+    def wake_local(self, device_ids) -> None:
+        """Another node stored something for these devices (or a sweep re-reads them)."""
+        sessions = self.sessions
+        for device_id in device_ids:
+            session = sessions.get(device_id)
+            if session is not None:
+                session.wake()
+
+    def kicked(self, device_id: str, epoch: int) -> None:
+        """The device connected to another node: close its session here if it is that epoch's."""
+        session = self.sessions.get(device_id)
+        if session is not None and session.epoch == epoch:
+            self.log.info("device {device} moved to another node: closing its session here", device=device_id)
+            session.replaced()
+
     def _presence_failed(self, failure, device_id):
         self.log.warn("presence of {device} not recorded: {why}", device=device_id, why=failure.getErrorMessage())
 
@@ -180,10 +219,6 @@ class Router:
         if expiry and expiry < now:
             # Already expired: APNs accepts and never delivers it (an unregistered token still gets 410).
             return self.store.invalidated(token).addCallbacks(self._gone, self._unavailable)
-        if expiry == 0 and (session is None or not session.wants(th)):
-            self.dropped_offline += 1
-            self.log.debug("device {device} not reachable now; expiration 0 drops", device=device_id)
-            return self.store.invalidated(token).addCallbacks(self._gone, self._unavailable)
         message = StoredMessage(
             message_id=apns_id.bytes if isinstance(apns_id, uuid.UUID) else apns_id,
             device_id=device_id,
@@ -196,15 +231,30 @@ class Router:
             collapse_id=collapse_id,
             received=now,
         )
+        if expiry == 0 and (session is None or not session.wants(th)):
+            if session is None and self.cluster is not None and self.cluster.shared:
+                # Not here, and maybe on another node: one look at presence (expiration 0 only).
+                return self.store.where(device_id).addCallbacks(self._now_or_never, self._unavailable, (message,))
+            return self._drop_offline(message)
         # The store checks the token's invalidation in the same call (one round trip).
         return self._write(self.store.enqueue(message)).addCallbacks(self._stored, self._unavailable, (device_id,))
 
-    def _stored(self, since, device_id):
-        self._gone(since)
+    def _drop_offline(self, message):
+        self.dropped_offline += 1
+        self.log.debug("device {device} not reachable now; expiration 0 drops", device=message.device_id)
+        return self.store.invalidated(message.token).addCallbacks(self._gone, self._unavailable)
+
+    def _now_or_never(self, owner, message):
+        """An expiration-0 push for a device with no session here: stored only if a live
+        node holds it (that node's session delivers it, or keeps it while unacked)."""
+        if owner is None or owner.node == self.node:
+            return self._drop_offline(message)
+        return self._write(self.store.enqueue(message)).addCallbacks(self._stored, self._unavailable, (message.device_id,))
+
+    def _stored(self, result, device_id):
+        self._gone(result.invalidated)
         self.accepted += 1
-        session = self.sessions.get(device_id)
-        if session is not None:
-            session.wake()
+        self._wake(device_id, result.owner)
 
     @staticmethod
     def _gone(since):

@@ -17,6 +17,7 @@ from pushd.admission import Admission, fit_fd_limit
 from pushd.gateway.heap import FrozenStartup
 from pushd.endpoints import BadListener, listener, reuse_port_endpoint, split_tls
 from pushd.gateway.auth import Authenticator
+from pushd.gateway.cluster import Node, default_node_id
 from pushd.gateway.courier import CourierFactory
 from pushd.gateway.drain import Drain
 from pushd.gateway import hpackfast
@@ -30,7 +31,7 @@ from pushd.gateway.ratelimit import Buckets
 from pushd.gateway.router import Router
 from pushd.gateway.workers import Supervisor, refuse_reuse_port_supervisor, refuse_unshared_store, state_lock
 from pushd.gateway.tokens import TokenMinter
-from pushd.store import check_store, open_store
+from pushd.store import check_store, open_bus, open_store
 from pushd.store.interfaces import StoreUnavailable
 
 log = Logger()
@@ -121,6 +122,13 @@ class Options(config.Options):
          config.within("auth-verify-rate", float, 0.001)],
         ["auth-verify-burst", None, 100.0, "Provider tokens not seen before verified from one address in a burst.",
          config.within("auth-verify-burst", float, 1)],
+        # --- the cluster: nodes on a shared Redis (docs/cluster.md) ---
+        ["node-id", None, "", "This process's node id in the cluster (letters, digits, . _ : -); default: "
+         "host name, pid and start time."],
+        ["node-heartbeat", None, 3.0, "Seconds between the node's heartbeats (one store write each).",
+         config.within("node-heartbeat", float, 0.1, 60)],
+        ["node-ttl", None, 9.0, "Seconds a node counts as alive after its last heartbeat; then its devices "
+         "count as absent. More than --node-heartbeat.", config.within("node-ttl", float, 0.5, 600)],
         # --- workers: N gateway processes on one host (docs/workers.md) ---
         ["workers", None, 1, "Gateway processes on this host sharing the courier and provider ports "
          "(tcp listeners, SO_REUSEPORT); each is a node with its own limits. More than 1 needs a shared "
@@ -287,6 +295,12 @@ def makeService(options, reactor=None):
     # Started first, so stopped last: the listeners have stopped accepting when it drains.
     drain = Drain(router, store, None, None, reactor, options["drain-timeout"], options["drain-window"])
     drain.setServiceParent(top)
+    try:
+        node = Node(options["node-id"] or default_node_id(reactor), router, open_bus(store, reactor), reactor,
+                    heartbeat=options["node-heartbeat"], ttl=options["node-ttl"])
+    except ValueError as e:
+        raise usage.UsageError(str(e))
+    node.setServiceParent(top)  # after the drain: stopped before it (and the store) closes
     courier = CourierFactory(
         router,
         pki.ca_cert,
