@@ -6,6 +6,14 @@ every write (so a SIGKILL loses nothing acknowledged), and cleanup on the test c
     yield redis.start()
     ... RedisStore(redis.url) ...
     yield redis.kill(); yield redis.restart()
+
+A replica and sentinels, for failover tests (short Sentinel timers: a failover in about a second):
+
+    master = yield RedisServer(self).start()
+    replica = yield RedisServer(self, replica_of=master).start()
+    sentinel = yield RedisSentinel(self, master, "pushd-test").start()
+    yield sentinel.knows_replicas(1)
+    ... RedisStore(sentinel.url(), wait=1) ...; yield master.kill()
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ class _Ping(protocol.Protocol):
 
 
 class RedisServer:
-    def __init__(self, case, executable="redis-server"):
+    def __init__(self, case, executable="redis-server", replica_of=None):
         self.executable = shutil.which(executable)
         if self.executable is None:
             # Not a skip: a suite that silently skips its Redis tests proves nothing.
@@ -55,6 +63,7 @@ class RedisServer:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = None
+        self.replica_of = replica_of
         case.addCleanup(self._cleanup)
 
     @property
@@ -72,7 +81,7 @@ class RedisServer:
             "--appendonly", "yes",
             "--appendfsync", "always",
             "--logfile", "",
-        ]
+        ] + (["--replicaof", "127.0.0.1", str(self.replica_of.port)] if self.replica_of is not None else [])
 
     @defer.inlineCallbacks
     def start(self):
@@ -138,3 +147,55 @@ class RedisServer:
         if self.running:
             yield self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@defer.inlineCallbacks
+def command(port, *args, timeout=2.0):
+    """One command to the server at ``port`` on a connection of its own; fire with the reply."""
+    import txredisapi
+
+    conn = yield txredisapi.Connection("127.0.0.1", port, reconnect=False, connectTimeout=timeout,
+                                       replyTimeout=timeout)
+    try:
+        return (yield conn.execute_command(*args))
+    finally:
+        yield conn.disconnect()
+
+
+class RedisSentinel(RedisServer):
+    """A real redis-sentinel watching ``master`` under ``name``, deciding within about a second."""
+
+    def __init__(self, case, master, name, down_after_ms=1500, failover_timeout_ms=3000):
+        super().__init__(case, executable="redis-sentinel")
+        self.master, self.name = master, name
+        self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
+
+    def argv(self):
+        conf = os.path.join(self.dir, "sentinel.conf")  # Sentinel rewrites it: its own file
+        with open(conf, "w") as f:
+            f.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\nlogfile \"\"\n"
+                    f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 1\n"
+                    f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
+                    f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}\n")
+        return [self.executable, conf]
+
+    def store_url(self, extra=(), db=0):
+        """The store URL for this sentinel (``extra``: more HOST:PORT listed before it)."""
+        return "redis-sentinel://" + ",".join([*extra, f"127.0.0.1:{self.port}"]) + f"/{self.name}/{db}"
+
+    @defer.inlineCallbacks
+    def knows_replicas(self, n, within=START_TIMEOUT):
+        """Wait until the sentinel has found ``n`` replicas of the master (it asks the master's INFO)."""
+        deadline = reactor.seconds() + within
+        while True:
+            replicas = yield command(self.port, "SENTINEL", "REPLICAS", self.name)
+            if len([r for r in replicas if "s_down" not in dict(zip(r[::2], r[1::2])).get("flags", "")]) >= n:
+                return
+            if reactor.seconds() > deadline:
+                raise self.case.failureException(f"sentinel found {len(replicas)} of {n} replicas in {within:g}s")
+            yield task.deferLater(reactor, POLL, lambda: None)
+
+    @defer.inlineCallbacks
+    def master_port(self):
+        host, port = yield command(self.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+        return int(port)

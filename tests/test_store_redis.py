@@ -201,9 +201,12 @@ class RedisStoreTests(StoreContract, DurableStoreContract, unittest.TestCase):
         yield self.store.ack(DEV, m1.message_id)
         yield self.store.invalidate(b"\x05" * 32, NOW)
         yield self.store.claim(DEV, "node-1")
+        reconnected = []
+        self.store.on_master(lambda: reconnected.append(True))
         yield self.redis.kill()
         yield self.redis.restart()
         got = yield self.eventually(self.pending)
+        self.assertEqual(reconnected, [True], "listeners hear of the reconnection once, not per pool connection")
         self.assertEqual(got, [m2, m3])
         self.assertEqual((yield self.store.counters()), {"pending": 3, "dropped": 0})
         self.assertEqual((yield self.store.invalidated(b"\x05" * 32)), NOW)

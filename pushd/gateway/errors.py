@@ -29,7 +29,9 @@ class ShuttingDown(Refusal):
 
 
 class StoreDown(Refusal):
-    """The store did not answer: nothing was accepted, the provider may retry."""
+    """The store did not answer: nothing was accepted, the provider may retry. (With
+    --redis-wait, a push the master took but too few replicas confirmed answers this too; it
+    may still be delivered, and a retry with the same apns-id replaces it: docs/cluster-redis.md.)"""
 
     reason = "ServiceUnavailable"
 

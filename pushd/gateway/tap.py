@@ -27,7 +27,7 @@ from pushd.gateway.replay import DEFAULT_PER_DEVICE as DEFAULT_REPLAY_PER_DEVICE
 from pushd.gateway.ratelimit import Buckets
 from pushd.gateway.router import Router
 from pushd.gateway.tokens import TokenMinter
-from pushd.store import open_store
+from pushd.store import check_store, open_store
 from pushd.store.interfaces import StoreUnavailable
 
 log = Logger()
@@ -43,7 +43,12 @@ class Options(config.Options):
         ["state-dir", "d", "var/gateway", "Directory for the CA, keys and secrets (created on first start)."],
         ["keepalive", None, 300, "Longest keepalive interval (s) devices may use (told to pushd devices).", config.positive(int)],
         ["grace", None, 2.0, "A connection silent for keepalive x grace seconds is closed.", config.positive(float)],
-        ["store", None, "sqlite", "Where accepted notifications wait: sqlite, sqlite:PATH, redis://HOST:PORT/DB or memory."],
+        ["store", None, "sqlite", "Where accepted notifications wait: sqlite, sqlite:PATH, redis://HOST:PORT/DB, "
+         "redis-sentinel://HOST:PORT,HOST:PORT/MASTER/DB or memory."],
+        # Redis store: durability across a Sentinel failover (docs/cluster-redis.md).
+        ["redis-wait", None, 0, "With a Redis store: replicas that must have an accepted push before it is "
+         "answered 200 (Redis WAIT); fewer within half the store timeout answer 503.",
+         config.within("redis-wait", int, 0, 100)],
         ["sqlite-synchronous", None, "full", "SQLite fsync policy: full (survives power loss) or normal (survives a crash)."],
         ["queue-size", None, 1000, "Pending notifications kept per device and topic; the oldest is dropped beyond.", config.positive(int)],
         ["window", None, 64, "Notifications in flight (unacked) per connection.", config.positive(int)],
@@ -125,6 +130,13 @@ class Options(config.Options):
         "hostname": ["localhost", "127.0.0.1"],
     }
 
+    def postOptions(self):
+        super().postOptions()
+        try:  # a bad --store: one line naming the option and the forms, before anything starts
+            check_store(self["store"])
+        except ValueError as e:
+            raise usage.UsageError(str(e))
+
     def opt_courier(self, description):
         """Courier listener (endpoint string; tls: wraps it in pushd TLS). Repeatable. [default: tls:5223]"""
         self["courier"].append(description)
@@ -195,7 +207,8 @@ def makeService(options, reactor=None):
     state = Path(options["state-dir"])
     pki = tls.load_or_create_pki(state, list(options["hostname"]))
     try:
-        store = open_store(options["store"], state, options["queue-size"], reactor, options["sqlite-synchronous"])
+        store = open_store(options["store"], state, options["queue-size"], reactor, options["sqlite-synchronous"],
+                           redis_wait=options["redis-wait"])
     except (ValueError, StoreUnavailable) as e:
         raise usage.UsageError(str(e))
     try:

@@ -5,6 +5,7 @@ from a single setting, so switching provider is one config line:
     store = sqlite                      # the embedded default: STATE-DIR/pushd.sqlite3
     store = sqlite:/var/lib/pushd/queue.sqlite3
     store = redis://127.0.0.1:6379/0    # several gateway nodes sharing one Redis
+    store = redis-sentinel://10.0.0.1:26379,10.0.0.2:26379/pushd/0   # the same, Sentinel HA
     store = memory                      # tests and throwaway gateways; loses all on exit
 """
 
@@ -12,9 +13,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+FORMS = ("sqlite, sqlite:PATH, redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], "
+         "redis-sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER[/DB] or memory")
 
-def open_store(spec: str, state_dir: Path, per_topic: int, reactor=None, synchronous: str = "FULL"):
-    """Raise ValueError (bad spec) or StoreUnavailable (cannot open) with the reason."""
+
+def check_store(spec: str) -> None:
+    """Raise ValueError (one line naming --store and the forms) if ``spec`` names no store; opens nothing."""
+    if spec in ("memory", "sqlite") or spec.startswith("sqlite:"):
+        return
+    from pushd.store.redis import parse_sentinel_url, parse_url
+
+    try:
+        if spec.startswith("redis://"):
+            parse_url(spec)
+            return
+        if spec.startswith("redis-sentinel://"):
+            parse_sentinel_url(spec)
+            return
+    except ValueError as e:
+        raise ValueError(f"--store: {e}; use {FORMS}") from None
+    raise ValueError(f"--store: unknown store {spec!r}; use {FORMS}")
+
+
+def open_store(spec: str, state_dir: Path, per_topic: int, reactor=None, synchronous: str = "FULL",
+               redis_wait: int = 0):
+    """Raise ValueError (bad spec: one line naming --store and the forms) or StoreUnavailable (cannot open)."""
     if spec == "memory":
         from pushd.store.memory import MemoryStore
 
@@ -24,8 +47,11 @@ def open_store(spec: str, state_dir: Path, per_topic: int, reactor=None, synchro
 
         path = spec[len("sqlite:"):] or str(state_dir / "pushd.sqlite3")
         return SQLiteStore(path, per_topic=per_topic, synchronous=synchronous, reactor=reactor)
-    if spec.startswith("redis://"):
+    if spec.startswith(("redis://", "redis-sentinel://")):
         from pushd.store.redis import RedisStore
 
-        return RedisStore(spec, per_topic=per_topic, reactor=reactor)
-    raise ValueError(f"unknown store {spec!r}: use sqlite, sqlite:PATH, redis://HOST:PORT/DB or memory")
+        try:
+            return RedisStore(spec, per_topic=per_topic, reactor=reactor, wait=redis_wait)
+        except ValueError as e:
+            raise ValueError(f"--store: {e}; use {FORMS}") from None
+    raise ValueError(f"--store: unknown store {spec!r}; use {FORMS}")
