@@ -86,6 +86,11 @@ class TLSConnectionTests(unittest.TestCase):
 
 
 class H2Tests(unittest.TestCase):
+    def test_self_check(self):
+        from pushd._lowlevel import h2
+
+        self.assertEqual(h2.self_check(), [])
+
     def test_ended_h2_connection_freed(self):
         from pushd.gateway.provider.http2 import Logs, ProviderH2
         from twisted.internet.testing import StringTransport

@@ -42,6 +42,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pushd._lowlevel import h2 as lowlevel_h2
 from pushd.gateway import hpackfast
 from pushd.gateway.provider.limits import H2_INITIAL_WINDOW, EventLog, Limits
 from pushd.gateway.provider.rules import Answer, Refused, duplicated
@@ -61,26 +62,8 @@ def _check_h2_internals():
     fb = FrameBuffer(server=True)
     if not isinstance(getattr(fb, "_headers_buffer", None), list) or not isinstance(getattr(fb, "_data", None), bytearray):
         raise ImportError("h2's FrameBuffer no longer has _headers_buffer/_data: update ProviderH2._check_header_block")
-    from h2.connection import H2Connection
-
-    if not isinstance(getattr(H2Connection(_CONFIG_CHECK), "_frame_dispatch_table", None), dict):
-        raise ImportError("h2's H2Connection no longer has _frame_dispatch_table: update forget_h2")
 
 
-def forget_h2(conn) -> None:
-    """
-    Break the one reference cycle of an ended connection's H2Connection (its frame dispatch
-    table holds bound methods of itself), so that refcounting frees it with its HPACK tables
-    and streams, not the cyclic collector. Measured (bench/abuse.py, the gateway's gc
-    callbacks): the cycles closed connections left made full collections of 41-102 ms, an
-    honest push's stall each time.
-    """
-    table = getattr(conn, "_frame_dispatch_table", None)
-    if isinstance(table, dict):
-        table.clear()
-
-
-_CONFIG_CHECK = H2Configuration(client_side=False)
 _check_h2_internals()
 
 #: After a GOAWAY, how long the TLS close may take before the connection is aborted.
@@ -416,7 +399,7 @@ class ProviderH2(Protocol):
         self.unsent.clear()
         self.early.clear()
         self.held = 0
-        forget_h2(self.conn)
+        lowlevel_h2.forget(self.conn)  # its one cycle: freed by refcount, not the collector
 
     # --- requests -------------------------------------------------------------
 
