@@ -7,8 +7,11 @@ behind a terminating proxy.
 
 from __future__ import annotations
 
+import re
+import socket
+
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints, error
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 
@@ -113,12 +116,84 @@ def split_tls(description: str) -> tuple:
     return False, description
 
 
-def listener(reactor, description: str, factory, tls_options, admission=None):
+class ReusePortEndpoint:
+    """
+    A TCP listening socket opened with SO_REUSEPORT, so that several gateway processes
+    (``--workers N``, or ``pushd-gateway@.service`` instances) each listen on the same port
+    and the kernel spreads new connections over them (docs/workers.md). Twisted's
+    ``listenTCP`` has no such flag: the socket is made here and handed to
+    ``reactor.adoptStreamPort``.
+    """
+
+    def __init__(self, reactor, port: int, interface: str = "", backlog: int = 50, ipv6: bool = False):
+        self.reactor = reactor
+        self.port = port
+        self.interface = interface
+        self.backlog = backlog
+        self.family = socket.AF_INET6 if ipv6 or ":" in interface else socket.AF_INET
+
+    def listen(self, factory):
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.interface or ("::" if self.family == socket.AF_INET6 else ""), self.port))
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+            return defer.succeed(self.reactor.adoptStreamPort(sock.fileno(), self.family, factory))
+        except OSError as e:
+            return defer.fail(error.CannotListenError(self.interface, self.port, e))
+        finally:
+            sock.close()  # adoptStreamPort keeps its own duplicate of the descriptor
+
+
+def _unescaped_split(text: str) -> list:
+    return [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", text)]
+
+
+def reuse_port_endpoint(reactor, inner: str):
+    """
+    The SO_REUSEPORT endpoint for a ``tcp:``/``tcp6:`` description (optionally behind
+    ``haproxy:``); BadListener for anything else: a UNIX path or a socket inherited from
+    systemd cannot be opened once per process.
+    """
+    proxied = inner.startswith("haproxy:")
+    if proxied:
+        inner = inner[len("haproxy:"):]
+    kind, *args = _unescaped_split(inner)
+    if kind not in ("tcp", "tcp6"):
+        raise ValueError(f"only tcp: and tcp6: listeners can be shared by several processes (SO_REUSEPORT), not {kind}:")
+    kw = {}
+    positional = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq:
+            kw[key] = value
+        else:
+            positional.append(arg)
+    if positional:
+        kw.setdefault("port", positional[0])
+    unknown = set(kw) - {"port", "interface", "backlog"}
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {sorted(unknown)}")
+    port = int(kw.get("port", ""))
+    if port == 0:
+        raise ValueError("port 0 would give each process a different port")
+    ep = ReusePortEndpoint(reactor, port, kw.get("interface", ""), int(kw.get("backlog", 50)), kind == "tcp6")
+    if proxied:
+        from twisted.protocols.haproxy import proxyEndpoint
+
+        return proxyEndpoint(ep)
+    return ep
+
+
+def listener(reactor, description: str, factory, tls_options, admission=None, reuse_port=False):
     """A listening service; ``admission`` (pushd.admission.Admission), when given, decides
-    on each connection before its TLS: a refused one is closed with no handshake."""
+    on each connection before its TLS: a refused one is closed with no handshake.
+    ``reuse_port``: open a tcp listener with SO_REUSEPORT (ReusePortEndpoint)."""
     wants_tls, inner = split_tls(description)
     try:
-        ep = endpoints.serverFromString(reactor, inner)
+        ep = reuse_port_endpoint(reactor, inner) if reuse_port else endpoints.serverFromString(reactor, inner)
     except (ValueError, KeyError, TypeError) as e:
         raise BadListener(f"bad listener {description!r}: {e}")
     if wants_tls:

@@ -39,6 +39,14 @@ SET_STATE = 20
 #: pushd's own commands start at 32; sent only to a gateway that is pushd (ConnectAck
 #: field 32 present), so a plain APNs server never sees them.
 UNREGISTER = 32
+#: pushd, gateway to device: this gateway is going away (draining); reconnect now, at a
+#: random moment within the window it announces, not after a backoff. Sent only to pushd
+#: devices (Connect field 32); an older device ignores it (unknown command) and just sees
+#: the close that follows.
+GOAWAY = 33
+
+#: GoAway field 1 absent: the window a device spreads its reconnect over (ms).
+GOAWAY_DEFAULT_WINDOW_MS = 1000
 
 # Status codes (u8) in ConnectAck, NotificationAck and ScopedTokenAck.
 STATUS_OK = 0
@@ -420,6 +428,15 @@ class Unregister(Message):
     topic: Optional[bytes] = fid(2)
 
 
+@dataclass
+class GoAway(Message):
+    """pushd: the gateway drains; reconnect at once, after a uniform random wait in
+    [0, window ms] (so that thousands of devices do not all connect in one millisecond)."""
+
+    COMMAND = GOAWAY
+    window_ms: Optional[int] = fid(1, "u32")
+
+
 MESSAGES = {
     cls.COMMAND: cls
     for cls in (
@@ -435,6 +452,7 @@ MESSAGES = {
         ScopedTokenAck,
         SetState,
         Unregister,
+        GoAway,
     )
 }
 

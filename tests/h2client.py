@@ -200,9 +200,10 @@ def until(predicate, timeout=10.0, step=0.005):
     return d
 
 
-def connect(port, ca_pem, alpn=True):
-    """Fire with a connected H2Client; ``alpn=False`` offers no ALPN and relies on the preface."""
-    client = H2Client()
+def connect(port, ca_pem, alpn=True, client=None):
+    """Fire with a connected H2Client (or ``client``); ``alpn=False`` offers no ALPN and
+    relies on the preface."""
+    client = client or H2Client()
     opts = ssl.optionsForClientTLS(
         "localhost", ssl.Certificate.loadPEM(ca_pem), acceptableProtocols=[b"h2"] if alpn else None
     )

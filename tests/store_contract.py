@@ -14,7 +14,15 @@ from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from pushd import wire
-from pushd.store.interfaces import IMessageStore, IPresence, ITokenRegistry, StoredMessage, topic_scoped_id
+from pushd.store.interfaces import (
+    Enqueued,
+    IMessageStore,
+    IPresence,
+    ITokenRegistry,
+    Owner,
+    StoredMessage,
+    topic_scoped_id,
+)
 
 DEV = "00112233445566778899aabbccddeeff"
 OTHER = "ffeeddccbbaa99887766554433221100"
@@ -204,25 +212,46 @@ class StoreContract:
     def test_enqueue_refuses_an_invalidated_token(self):
         """One call answers both questions the provider API asks: valid? stored?"""
         m = msg(b"a")
-        self.assertIsNone((yield self.store.enqueue(m)))
+        self.assertEqual((yield self.store.enqueue(m)), Enqueued())
         yield self.store.invalidate(m.token, NOW)
-        self.assertEqual((yield self.store.enqueue(msg(b"b"))), NOW)
+        self.assertEqual((yield self.store.enqueue(msg(b"b"))), Enqueued(invalidated=NOW))
         pending = yield self.store.pending(m.device_id, {m.topic_hash}, 10, NOW)
         self.assertEqual([p.message_id for p in pending], [m.message_id], "nothing stored for the invalid token")
         yield self.store.revalidate(m.token)
-        self.assertIsNone((yield self.store.enqueue(msg(b"c"))))
+        self.assertEqual((yield self.store.enqueue(msg(b"c"))), Enqueued())
         pending = yield self.store.pending(m.device_id, {m.topic_hash}, 10, NOW)
         self.assertEqual(len(pending), 2)
 
+    def alive(self, *nodes):
+        """Make ``nodes``' heartbeats alive (a store that checks them overrides this)."""
+        return defer.succeed(None)
+
     @defer.inlineCallbacks
     def test_presence(self):
-        self.assertIsNone((yield self.store.claim(DEV, "node-1")))
-        self.assertEqual((yield self.store.where(DEV)), "node-1")
-        self.assertEqual((yield self.store.claim(DEV, "node-2")), "node-1")
-        yield self.store.release(DEV, "node-1")
-        self.assertEqual((yield self.store.where(DEV)), "node-2", "a stale node does not release")
-        yield self.store.release(DEV, "node-2")
+        yield self.alive("node-1", "node-2")
+        self.assertIsNone((yield self.store.claim(DEV, "node-1", 1)))
+        self.assertEqual((yield self.store.where(DEV)), Owner("node-1", 1))
+        self.assertIsNone((yield self.store.claim(DEV, "node-1", 1)), "the same session again is no other")
+        self.assertEqual((yield self.store.claim(DEV, "node-2", 7)), Owner("node-1", 1))
+        yield self.store.release(DEV, "node-1", 1)
+        self.assertEqual((yield self.store.where(DEV)), Owner("node-2", 7), "a stale node does not release")
+        yield self.store.release(DEV, "node-2", 6)
+        self.assertEqual((yield self.store.where(DEV)), Owner("node-2", 7), "nor a stale session of the node")
+        yield self.store.release(DEV, "node-2", 7)
         self.assertIsNone((yield self.store.where(DEV)))
+
+    @defer.inlineCallbacks
+    def test_release_all(self):
+        """A draining node forgets all its devices in one call; another node's stay."""
+        yield self.alive("node-1", "node-2")
+        ids = [f"{i:032x}" for i in range(1, 6)]
+        for d in ids[:4]:
+            yield self.store.claim(d, "node-1", 1)
+        yield self.store.claim(ids[4], "node-2", 2)
+        yield self.store.claim(ids[3], "node-2", 3)  # moved on since
+        self.assertEqual((yield self.store.release_all("node-1", ids)), 3)
+        where = yield defer.gatherResults([self.store.where(d) for d in ids])
+        self.assertEqual(where, [None, None, None, Owner("node-2", 3), Owner("node-2", 2)])
 
 
 class DurableStoreContract:

@@ -200,7 +200,7 @@ class SlowCache:
     def __init__(self):
         self.calls = []
 
-    def seen(self, key, expires_at):
+    def seen(self, key, expires_at, owner=None):
         d = defer.Deferred()
         self.calls.append(d)
         return d

@@ -392,3 +392,100 @@ class ReconnectNowTests(unittest.TestCase):
         self.factory.clientConnectionLost(None, Failure(ConnectionLost()))
         self.assertEqual(len(self.reactor.tcpClients), attempts + 1, "no backoff wait")
         self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active() and c.func != proto.keepalive], [])
+
+
+class GoAwayTests(unittest.TestCase):
+    """The gateway drains (GoAway): the device reconnects within the announced window, not
+    after its backoff."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.listener = Listener()
+        dev = Device()
+        self.factory = CourierClientFactory(
+            self.listener, [TCPTransport("127.0.0.1", 5223), TCPTransport("127.0.0.1", 443)],
+            dev.key, dev.der, reactor=self.reactor, max_delay=30, rng=Highest())
+        self.factory.start()
+
+    def up(self):
+        proto = self.factory.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        proto.dataReceived(connect_ack(keepalive_interval=60))
+        t.clear()
+        return proto, t
+
+    def goaway(self, proto, t, data):
+        proto.dataReceived(data)
+        self.assertTrue(t.disconnecting, "GoAway closes the connection")
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.factory.clientConnectionLost(None, Failure(ConnectionLost()))
+
+    def next_attempt(self):
+        """Seconds from now to the next connection attempt."""
+        (call,) = [c for c in self.reactor.getDelayedCalls() if c.active()]
+        return call.getTime() - self.reactor.seconds()
+
+    def test_reconnects_at_the_top_of_the_window_not_after_backoff(self):
+        """The rng at the top of its range: the attempt comes at exactly the window (0.25 s);
+        a backoff would wait its delay (1 s after a ConnectAck, more after failures)."""
+        proto, t = self.up()
+        attempts = len(self.reactor.tcpClients)
+        self.goaway(proto, t, wire.GoAway(window_ms=250).encode())
+        self.assertEqual(self.next_attempt(), 0.25)
+        self.reactor.advance(0.25)
+        self.assertEqual(len(self.reactor.tcpClients), attempts + 1)
+        self.assertEqual(self.reactor.tcpClients[-1][1], 5223, "the same transport again")
+        self.assertEqual(self.factory.delay, 1, "backoff reset: a failed attempt now waits 1 s at most")
+
+    def test_random_waits_stay_in_the_window(self):
+        import random
+
+        self.factory.rng = random.Random(7)
+        waits = []
+        for _ in range(50):
+            proto, t = self.up()
+            self.goaway(proto, t, wire.GoAway(window_ms=400).encode())
+            waits.append(self.next_attempt())
+            self.reactor.advance(waits[-1])
+        self.assertTrue(all(0 <= w <= 0.4 for w in waits), waits)
+        self.assertGreater(len(set(waits)), 40, "spread, not one instant")
+
+    def test_acks_go_out_before_the_close(self):
+        """A Notification and the GoAway in one read: the ack is written, then the close."""
+        proto, t = self.up()
+        n = wire.Notification(token=b"T" * 32, topic=wire.topic_hash("a"), payload=b"{}", message_id=b"m1")
+        proto.dataReceived(n.encode() + wire.GoAway(window_ms=100).encode())
+        (ack,) = frames_of(t.value())
+        self.assertEqual((ack.message_id, ack.status), (b"m1", 0))
+        self.assertTrue(t.disconnecting)
+        self.assertFalse(t.disconnected, "a graceful close (what was written is flushed), not an abort")
+
+    def test_no_window_field_uses_the_default(self):
+        proto, t = self.up()
+        self.goaway(proto, t, wire.GoAway().encode())
+        self.assertEqual(self.next_attempt(), wire.GOAWAY_DEFAULT_WINDOW_MS / 1000)
+
+    def test_window_bounded_by_max_delay(self):
+        proto, t = self.up()
+        self.goaway(proto, t, wire.GoAway(window_ms=10 ** 9).encode())
+        self.assertEqual(self.next_attempt(), 30)
+
+    def test_a_plain_close_still_backs_off(self):
+        """Without a GoAway nothing changes: the next close uses the backoff again."""
+        proto, t = self.up()
+        self.goaway(proto, t, wire.GoAway(window_ms=100).encode())
+        self.reactor.advance(0.1)
+        proto, t = self.up()
+        self.factory.delay = 8
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.factory.clientConnectionLost(None, Failure(ConnectionLost()))
+        self.assertEqual(self.next_attempt(), 8)
+
+    def test_stopped_factory_does_not_reconnect(self):
+        proto, t = self.up()
+        proto.dataReceived(wire.GoAway(window_ms=100).encode())
+        self.factory.stopTrying()
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.factory.clientConnectionLost(None, Failure(ConnectionLost()))
+        self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active()], [])

@@ -7,7 +7,9 @@ from twisted.trial import unittest
 
 from pushd import wire
 from pushd.store.interfaces import StoreUnavailable
+from pushd.store.interfaces import Owner
 from pushd.store.redis import RedisStore, parse_url
+from pushd.store.redisbus import RedisNodeBus
 
 from .redis_server import RedisServer
 from .store_contract import (
@@ -49,6 +51,12 @@ class RedisStoreTests(StoreContract, DurableStoreContract, unittest.TestCase):
         yield self.redis.start()
         yield super().setUp()
 
+    @defer.inlineCallbacks
+    def alive(self, *nodes, ttl=600):
+        bus = RedisNodeBus(self.store)
+        for node in nodes:
+            yield bus.beat(node, ttl)
+
     def makeStore(self, per_topic, url=None, **kw):
         store = RedisStore(url or self.redis.url, per_topic=per_topic, **kw)
         self.addCleanup(store.close)
@@ -82,7 +90,7 @@ class RedisStoreTests(StoreContract, DurableStoreContract, unittest.TestCase):
             "expire": store.expire(NOW),
             "counters": store.counters(),
             "invalidated": store.invalidated(b"\x01" * 32),
-            "claim": store.claim(DEV, "node-1"),
+            "claim": store.claim(DEV, "node-1", 1),
         }
         for name, d in calls.items():
             try:
@@ -167,8 +175,8 @@ class RedisStoreTests(StoreContract, DurableStoreContract, unittest.TestCase):
         ms = [msg(b"%d" % i) for i in range(100)]
         ds = []
         for i, m in enumerate(ms):
-            ds += [self.store.claim(DEV, f"node-{i}"), self.store.enqueue(m), self.store.ack(DEV, m.message_id),
-                   self.store.release(DEV, f"node-{i}")]
+            ds += [self.store.claim(DEV, f"node-{i}", i), self.store.enqueue(m), self.store.ack(DEV, m.message_id),
+                   self.store.release(DEV, f"node-{i}", i)]
         results = yield defer.gatherResults(ds)
         self.assertEqual(results[0::4], [None] * len(ms), "each claim follows the release before it")
         self.assertEqual(results[2::4], [True] * len(ms), "each ack follows its enqueue")
@@ -200,7 +208,8 @@ class RedisStoreTests(StoreContract, DurableStoreContract, unittest.TestCase):
         yield self.put(m1, m2, m3, msg(b"x", device=OTHER, expiry=NOW - 1))
         yield self.store.ack(DEV, m1.message_id)
         yield self.store.invalidate(b"\x05" * 32, NOW)
-        yield self.store.claim(DEV, "node-1")
+        yield self.alive("node-1")
+        yield self.store.claim(DEV, "node-1", 5)
         reconnected = []
         self.store.on_master(lambda: reconnected.append(True))
         yield self.redis.kill()
@@ -210,7 +219,7 @@ class RedisStoreTests(StoreContract, DurableStoreContract, unittest.TestCase):
         self.assertEqual(got, [m2, m3])
         self.assertEqual((yield self.store.counters()), {"pending": 3, "dropped": 0})
         self.assertEqual((yield self.store.invalidated(b"\x05" * 32)), NOW)
-        self.assertEqual((yield self.store.where(DEV)), "node-1")
+        self.assertEqual((yield self.store.where(DEV)), Owner("node-1", 5))
         self.assertEqual((yield self.store.expire(NOW)), 1, "the expiry index came back too")
         yield self.put(msg(b"4"), msg(b"2'", collapse_id="c"))
         got = yield self.pending()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from pushd.store.interfaces import StoreUnavailable
+from pushd.store.interfaces import Enqueued, StoreUnavailable
 from pushd.store.redis import RedisStore
 
 from .procs import free_port
@@ -48,7 +48,7 @@ class WaitTests(unittest.TestCase):
         # Without --redis-wait the same store answers at once.
         plain = RedisStore(redis.url, per_topic=10, timeout=TIMEOUT)
         self.addCleanup(plain.close)
-        self.assertIsNone((yield plain.enqueue(msg(b"unreplicated"))))
+        self.assertEqual((yield plain.enqueue(msg(b"unreplicated"))), Enqueued())
 
     @defer.inlineCallbacks
     def test_replicated_push_is_answered(self):
@@ -58,7 +58,7 @@ class WaitTests(unittest.TestCase):
         store = RedisStore(master.url, per_topic=10, timeout=TIMEOUT, wait=1)
         self.addCleanup(store.close)
         m = msg(b"on two servers")
-        self.assertIsNone((yield store.enqueue(m)))
+        self.assertEqual((yield store.enqueue(m)), Enqueued())
         keys = yield command(replica.port, "KEYS", "pushd:{%s}:m:*" % DEV)
         self.assertEqual(len(keys), 1, "WAIT 1 answered: the replica has the message")
 

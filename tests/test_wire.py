@@ -97,6 +97,47 @@ class FramingTests(unittest.TestCase):
             wire.encode_frame(wire.Frame(1, ((1, b"x" * 70000),)))
 
 
+class GoAwayTests(unittest.TestCase):
+    """pushd's GoAway (command 33): the gateway drains, the device reconnects at once."""
+
+    def test_known_bytes(self):
+        """Command 33, field 1 the window in milliseconds as a u32."""
+        self.assertEqual(wire.GoAway(window_ms=2500).encode(),
+                         b"\x21\x00\x00\x00\x07\x01\x00\x04\x00\x00\x09\xc4")
+        self.assertEqual(wire.GoAway().encode(), b"\x21\x00\x00\x00\x00")
+
+    def test_one_byte_at_a_time(self):
+        """Fed a byte at a time between two other frames, each comes out whole, in order."""
+        data = (wire.KeepAliveAck().encode() + wire.GoAway(window_ms=70000).encode()
+                + wire.GoAway().encode())
+        dec = wire.FrameDecoder()
+        got = []
+        for i in range(len(data)):
+            got.extend(dec.feed(data[i:i + 1]))
+        self.assertEqual([f.command for f in got], [wire.KEEPALIVE_ACK, wire.GOAWAY, wire.GOAWAY])
+        self.assertEqual(wire.parse(got[1]), wire.GoAway(window_ms=70000))
+        self.assertIsNone(wire.parse(got[2]).window_ms)  # absent: the device's default window
+        self.assertEqual(dec.buffered, 0)
+
+    def test_wrong_width_and_repeats_are_errors(self):
+        with self.assertRaises(wire.WireError):
+            wire.parse(wire.Frame(wire.GOAWAY, ((1, b"\x00\x01"),)))
+        with self.assertRaises(wire.WireError):
+            wire.parse(wire.Frame(wire.GOAWAY, ((1, b"\x00" * 4), (1, b"\x00" * 4))))
+
+    def test_unknown_fields_skipped(self):
+        """A later gateway may add fields: a device of today still reads the window."""
+        frame = wire.Frame(wire.GOAWAY, ((1, (300).to_bytes(4, "big")), (9, b"later")))
+        self.assertEqual(wire.parse(frame).window_ms, 300)
+
+    def test_an_older_decoder_sees_an_unknown_command(self):
+        """What a device from before GoAway gets: an unknown command, which it skips
+        (docs/protocol.md), then the close that follows."""
+        (frame,) = wire.FrameDecoder().feed(wire.GoAway(window_ms=5).encode())
+        older = {c: m for c, m in wire.MESSAGES.items() if c != wire.GOAWAY}
+        self.assertNotIn(frame.command, older)
+
+
 class PropertyTests(unittest.TestCase):
     @settings(max_examples=300, deadline=None)
     @given(frames)

@@ -203,6 +203,14 @@ class CourierClientProtocol(protocol.Protocol):
     def handle_NotificationAck(self, msg):
         pass
 
+    def handle_GoAway(self, msg):
+        """The gateway drains: close (what we wrote, acks included, is flushed first) and
+        connect again within its window, not after a backoff (the factory does that)."""
+        window = wire.GOAWAY_DEFAULT_WINDOW_MS if msg.window_ms is None else msg.window_ms
+        self.factory.going_away(window / 1000.0)
+        self._closing = True
+        self.transport.loseConnection()
+
     # --- keepalive -------------------------------------------------------------
 
     def _schedule_keepalive(self):
@@ -305,6 +313,8 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
         self.connection = None
         self._lost_waiters: list = []
         self._immediate = False
+        #: The window (s) a GoAway announced on the current connection, or None.
+        self._goaway = None
         self.gateway_is_pushd = False
         #: Gateway clock minus ours (s), from the last ConnectAck; nonces are stamped with it.
         self.clock_offset = 0.0
@@ -370,16 +380,32 @@ class CourierClientFactory(protocol.ReconnectingClientFactory):
             pending.cancel()
             self._connect()
 
+    def going_away(self, window: float) -> None:
+        """The gateway said GoAway: once the connection is closed, connect again after a
+        uniform random wait in [0, window] (bounded by --max-delay, whatever it announced),
+        with the backoff reset."""
+        self._goaway = min(max(window, 0.0), self.maxDelay)
+
     def clientConnectionLost(self, connector, reason):
         was_up = self.connection is not None and self.connection.was_ready
         self.connection = None
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
             d.callback(None)
+        window, self._goaway = self._goaway, None
         if self._immediate:
             self._immediate = False
             if self.continueTrying:
                 self._connect()
+            return
+        if window is not None and self.continueTrying:
+            # The gateway drains (a restart, a node leaving the cluster): reconnect now,
+            # spread over its window, on the same transport (it was reachable).
+            self.resetDelay()
+            wait = self.rng.uniform(0, window)
+            self.log.info("gateway going away: reconnecting in {wait:.2f} s (its window {window:g} s)",
+                          wait=wait, window=window)
+            self._callID = self.clock.callLater(wait, self._retry_now)
             return
         if not was_up:
             # Lost before ConnectAck (TLS failure, refused Connect): a failed attempt.

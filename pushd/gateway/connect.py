@@ -52,7 +52,7 @@ class ConnectVerifier:
         # Signed over the nonce alone (APNs-style): accepted once within the window.
         d = self.replay_cache.seen(
             nonce_key(device_id, msg.nonce), tls.nonce_time(msg.nonce) + tls.NONCE_WINDOW,
-            **self._owner(device_id),
+            owner=device_id,
         )
         return d.addCallbacks(self._fresh, self._unremembered, (device_id,), None, (device_id,))
 
@@ -79,11 +79,6 @@ class ConnectVerifier:
                 raise ConnectRefused(f"device {device_id}: {why}")
         return device_id, exporter
 
-    def _owner(self, device_id) -> dict:
-        # The memory cache bounds the nonces of one device (replay.py); a cache without
-        # that parameter (a remote one) is called as IReplayCache says.
-        return {"owner": device_id} if isinstance(self.replay_cache, MemoryReplayCache) else {}
-
     @staticmethod
     def _fresh(seen, device_id):
         if seen:
@@ -96,4 +91,5 @@ class ConnectVerifier:
             return failure
         if failure.check(ReplayCacheFull):
             raise ConnectRefused(f"{failure.getErrorMessage()}: nonce-only Connects refused until nonces expire")
-        raise ConnectRefused(f"replay cache unavailable ({failure.getErrorMessage()})")
+        # Fail closed: a nonce that cannot be checked is refused, never let through.
+        raise ConnectRefused(f"replay cache unavailable, nonce-only Connect refused ({failure.getErrorMessage()})")

@@ -10,6 +10,7 @@ surface (send, write, fail, close, paused, closing).
 
 from __future__ import annotations
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -36,7 +37,7 @@ class CourierServerProtocol(Protocol):
     # state is in its Session, made only once its Connect is verified.
     __slots__ = (
         "factory", "transport", "connected", "decoder", "session", "paused", "_closing",
-        "_deadline", "_wheelslot", "_proving",
+        "_deadline", "_wheelslot", "_proving", "pushd",
     )
 
     @property
@@ -62,6 +63,8 @@ class CourierServerProtocol(Protocol):
         #: bytes that came meanwhile (reading is paused), at most --connect-budget of them,
         #: handled once it is answered.
         self._proving = None
+        #: The device is pushd's (its Connect carried field 32): it takes pushd's commands.
+        self.pushd = False
 
     @property
     def peer(self) -> str:
@@ -75,7 +78,8 @@ class CourierServerProtocol(Protocol):
 
     @property
     def closing(self) -> bool:
-        return self._closing
+        """Closing, or the node draining (its session sends nothing more; acks still count)."""
+        return self._closing or self.factory.drained is not None
 
     # --- connection life -----------------------------------------------------
 
@@ -111,14 +115,17 @@ class CourierServerProtocol(Protocol):
         self._closing = True
         self.connected = 0
         self._proving = None
-        self.factory.churned()
+        f = self.factory
+        f.churned()
         if self.session is None:
-            self.factory.unauthenticated -= 1
+            f.unauthenticated -= 1
         else:
-            self.session.ended()
+            self.session.ended()  # (quiet while the node drains: one summary line)
+            if f.drained is not None:
+                f.lost_while_draining(self)
 
     def timeoutConnection(self):
-        if self._closing:
+        if self._closing or self.factory.drained is not None:
             pass  # closed for a reason already logged; its TLS close did not finish in time
         elif self.session is None:
             # Anyone can open connections and stay silent: counted, one line a second.
@@ -276,6 +283,7 @@ class CourierServerProtocol(Protocol):
             server_time=int(f.clock.seconds() * 1000),
         )
         if msg.pushd_version:
+            self.pushd = True
             ack.keepalive_interval = f.keepalive_interval
         self.send(ack)
         self.session = f.sessions.open(device_id, self)
@@ -283,6 +291,31 @@ class CourierServerProtocol(Protocol):
                       device=device_id, peer=self.peer, proof=proof)
 
     # --- IPushProducer: the transport's buffer ---------------------------------------
+
+    def go_away(self, window_ms: int):
+        """
+        The gateway drains: nothing more is sent; a pushd device is told GoAway (reconnect
+        now, within ``window_ms``) and, with nothing in flight, closed at once; with
+        notifications in flight, it sends their acks and closes itself (the drain's timeout
+        bounds that). Any other client is closed at once: what it has not acked stays
+        stored. Return "waiting" (for its acks and its close), "told" (and closed),
+        "closed", or None (closing already).
+        """
+        if self._closing:
+            return None
+        # Nothing more is sent from here: ``closing`` is true for the session now.
+        told = self.session is not None and self.pushd
+        if told:
+            self.send(wire.GoAway(window_ms=window_ms))
+            if self.unacked():
+                return "waiting"
+        self._closing = True
+        self._close()
+        return "told" if told else "closed"
+
+    def unacked(self) -> int:
+        """Notifications sent and not acked."""
+        return 0 if self.session is None else self.session.unacked()
 
     def pauseProducing(self):
         self.paused = True
@@ -353,6 +386,11 @@ class CourierFactory(Factory):
         self.heap = HeapTrimmer(self.clock)
         #: The devices' sessions: their window, the router and clock they share.
         self.sessions = Sessions(router, self.clock, window)
+        #: While draining (drain()): counts for its summary line, else None.
+        self.drained = None
+        #: Draining: the connections whose acks are awaited (each closes itself after them).
+        self._awaiting = set()
+        self._drain_done = self._drain_timer = None
         self.protocol_errors = 0
         self.auth_failures = 0
 
@@ -397,6 +435,57 @@ class CourierFactory(Factory):
         """A connection came or went."""
         if self.numPorts:  # listening (not a factory driven by hand, nor one stopped)
             self.heap.poke()
+
+    def drain(self, window: float, timeout: float):
+        """
+        The gateway stops (its listeners are closed): every connection is told to go
+        (CourierServerProtocol.go_away). Fire with the counts (told, closed, unacked,
+        aborted) once the devices whose acks are awaited have closed, those still open
+        after ``timeout`` seconds aborted. Connections closed here are not waited for:
+        their TLS close finishes meanwhile, or the reactor closes them at exit (waiting for
+        17,000 peers to answer the close took seconds). Nothing is logged per connection.
+        """
+        self.drained = counts = {"told": 0, "closed": 0, "unacked": 0, "aborted": 0}
+        self.sessions.quiet = True
+        self._drain_done = done = defer.Deferred()
+        window_ms = int(window * 1000)
+        awaiting = self._awaiting
+        for p in self.deadlines.members():
+            what = p.go_away(window_ms)
+            if what == "waiting":
+                awaiting.add(p)
+                counts["told"] += 1
+            elif what is not None:
+                counts[what] += 1
+                counts["unacked"] += p.unacked()  # an APNs-style client's: sent again later
+        self._drain_timer = self.clock.callLater(timeout, self._drain_late)
+        if not awaiting:
+            self._drained_all()
+        return done
+
+    def lost_while_draining(self, p):
+        awaiting = self._awaiting
+        if p in awaiting:
+            awaiting.discard(p)
+            self.drained["unacked"] += p.unacked()
+            if not awaiting and self._drain_done is not None:
+                self._drained_all()
+
+    def _drain_late(self):
+        self._drain_timer = None
+        awaiting, self._awaiting = self._awaiting, set()
+        for p in awaiting:
+            self.drained["aborted"] += 1
+            self.drained["unacked"] += p.unacked()
+            p.transport.abortConnection()
+        self._drained_all()
+
+    def _drained_all(self):
+        done, self._drain_done = self._drain_done, None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        done.callback(self.drained)
 
     def stopFactory(self):
         # The last listener using this factory stopped: no timer may outlive it.

@@ -44,6 +44,12 @@ class DeadlineWheel:
     def __len__(self):
         return sum(len(b) for b in self._buckets.values()) + len(self._expiring)
 
+    def members(self) -> list:
+        """Every member watched now (the courier's drain closes them all)."""
+        out = [m for b in self._buckets.values() for m in b]
+        out.extend(m for m in self._expiring if m._wheelslot is None)
+        return out
+
     def watch(self, member) -> None:
         """File ``member`` under its current ``_deadline`` (refiling it if already watched)."""
         self._unfile(member)

@@ -24,6 +24,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
@@ -32,7 +33,7 @@ from pushd.admission import address_key
 from pushd.filewatch import FileWatch
 from pushd.gateway.registry import Refusal
 from pushd.gateway.replay import MemoryReplayCache, nonce_key
-from pushd.store.interfaces import ReplayCacheFull
+from pushd.store.interfaces import ReplayCacheFull, StoreUnavailable
 from pushd.throttle import LogThrottle
 
 MAX_CSR = 16 * 1024
@@ -171,6 +172,10 @@ class TooManyEnrolments(Refused):
     """The nonce memory is full: refusing is safe, forgetting a live nonce is not."""
 
 
+class NonceCacheUnavailable(Refused):
+    """The shared nonce cache (Redis) did not answer: refused, never let through unchecked."""
+
+
 class KeyAlreadyEnrolled(Refused):
     pass
 
@@ -266,7 +271,7 @@ class Enrolment:
     def __init__(self, pki, secrets=None, registry=None, clock=None, rate_limit=None,
                  window: float = 300.0, max_nonces: int = 100_000,
                  cert_days: float = tls.DEVICE_CERT_DAYS, overlap: float = 7 * 86400.0,
-                 ipv6_prefix: int = 64):
+                 ipv6_prefix: int = 64, nonces=None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.pki = pki
@@ -277,7 +282,9 @@ class Enrolment:
         self.window = window
         #: Nonces of accepted requests until their time leaves the window. Only requests that
         #: passed their MAC or signature get here, so filling it takes the secret or a device key.
-        self.nonces = MemoryReplayCache(max_nonces, clock)
+        #: An IReplayCache: in a cluster the nodes' shared one (pushd.store.redis_replay), so a
+        #: request replayed to another node is refused too.
+        self.nonces = nonces if nonces is not None else MemoryReplayCache(max_nonces, clock)
         self.cert_days = cert_days
         self.overlap = overlap
         self.ipv6_prefix = ipv6_prefix
@@ -286,8 +293,11 @@ class Enrolment:
         self.renewed = 0
         self.refused = 0
 
-    def answer(self, raw: bytes, overflow: bool, peer) -> dict:
-        """The JSON answer to one enrolment or renewal request; raises Refused."""
+    def answer(self, raw: bytes, overflow: bool, peer):
+        """
+        The JSON answer to one enrolment or renewal request, or a Deferred of it when the
+        nonce cache answers later (a shared one); raises (or fails with) Refused.
+        """
         key, host = _source(peer, self.ipv6_prefix)
         try:
             try:
@@ -301,16 +311,31 @@ class Enrolment:
                     raise BadRequest("the body is not JSON")
                 if not isinstance(body, dict):
                     raise BadRequest("the body is not a JSON object")
-                if "certificate" in body:
-                    return self._renew(body, host)
-                return self._enrol(body, host)
+                out = self._renew(body, host) if "certificate" in body else self._enrol(body, host)
             except sqlite3.Error as e:
                 self.log.error("device registry unavailable: {why}", why=str(e))
                 raise RegistryUnavailable()
         except Refused as e:
-            self.refused += 1
-            self.refusals.note(e.reason, peer=host, why=e.text)
+            self._note(e, host)
             raise
+        if isinstance(out, defer.Deferred):
+            out.addErrback(self._failed_later, host)
+        return out
+
+    def _note(self, e: Refused, host):
+        self.refused += 1
+        self.refusals.note(e.reason, peer=host, why=e.text)
+
+    def _failed_later(self, failure, host):
+        """What answer() does for a refusal raised after the nonce cache answered."""
+        if failure.check(sqlite3.Error):
+            self.log.error("device registry unavailable: {why}", why=failure.getErrorMessage())
+            e = RegistryUnavailable()
+            self._note(e, host)
+            raise e
+        if failure.check(Refused):
+            self._note(failure.value, host)
+        return failure
 
     # --- the two kinds of request ---------------------------------------------------
 
@@ -324,7 +349,9 @@ class Enrolment:
         secret = next((s for s in accepted if hmac.compare_digest(tls.enrol_mac(s, *signed), mac)), None)
         if secret is None:
             raise BadEnrolmentSecret()
-        self._fresh(nonce, when)
+        return self._fresh(nonce, when, self._enrolled, csr_pem, nonce, secret, host)
+
+    def _enrolled(self, csr_pem, nonce, secret, host):
         public = self._csr_key(csr_pem)
         if self.registry is not None and self.registry.key_known(tls.key_fingerprint(public)):
             raise KeyAlreadyEnrolled()
@@ -367,7 +394,9 @@ class Enrolment:
             valid = False
         if not valid:
             raise BadSignature()
-        self._fresh(nonce, when)
+        return self._fresh(nonce, when, self._renewed, csr_pem, old, old_der, device_id, now)
+
+    def _renewed(self, csr_pem, old, old_der, device_id, now):
         public = self._csr_key(csr_pem)
         fp = tls.key_fingerprint(public)
         if self.registry is not None and self.registry.retired(old_der):
@@ -394,20 +423,36 @@ class Enrolment:
 
     # --- shared steps ---------------------------------------------------------------
 
-    def _fresh(self, nonce, when):
+    def _fresh(self, nonce, when, then, *args):
+        """
+        ``then(*args)`` once the nonce is known to be new (and now remembered): at once with
+        a cache that answers at once (memory), else a Deferred of it (Redis, in a cluster).
+        """
         now = self.clock.seconds()
         if abs(when - now) > self.window:
             # Our time, so that a device with a skewed clock can stamp its next try right.
             raise StaleRequest(server_time=int(now * 1000))
         # Remembered while its time is inside the window: until then it would be accepted.
-        seen = []
-        self.nonces.seen(nonce_key("enrol", nonce.encode("ascii")), when + self.window).addBoth(seen.append)
-        (result,) = seen  # a MemoryReplayCache answers at once
+        d = self.nonces.seen(nonce_key("enrol", nonce.encode("ascii")), when + self.window)
+        if d.called:
+            answered = []
+            d.addBoth(answered.append)
+            self._new_nonce(answered[0])
+            return then(*args)
+        return d.addBoth(self._new_nonce).addCallback(lambda _: then(*args))
+
+    @staticmethod
+    def _new_nonce(result):
         if result is True:
             raise ReplayedRequest()
-        if result is not False:
-            result.trap(ReplayCacheFull)
+        if result is False:
+            return None
+        if result.check(ReplayCacheFull):
             raise TooManyEnrolments()
+        if result.check(StoreUnavailable):
+            # Fail closed: a nonce that cannot be checked could be a replay.
+            raise NonceCacheUnavailable(result.getErrorMessage())
+        return result
 
     @staticmethod
     def _csr_key(csr_pem):

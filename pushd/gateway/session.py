@@ -70,6 +70,8 @@ class Sessions:
         self.window = window
         #: Notifications acked by devices.
         self.delivered = 0
+        #: The node drains: no line per ended session (one summary line, pushd.gateway.drain).
+        self.quiet = False
 
     def open(self, device_id: str, sender) -> Session:
         """The session of a device whose Connect was verified, attached to the router."""
@@ -124,8 +126,9 @@ class Session:
         """The connection is gone: detach from the router; what is in flight stays stored."""
         self.sender = None
         self.host.router.detach(self.device_id, self)
-        self.log.info("device {device} disconnected ({inflight} unacked kept)",
-                      device=self.device_id, inflight=self.unacked())
+        if not self.host.quiet:
+            self.log.info("device {device} disconnected ({inflight} unacked kept)",
+                          device=self.device_id, inflight=self.unacked())
 
     def unacked(self) -> int:
         """Messages sent and not acked (acked ones being deleted not counted)."""

@@ -5,6 +5,7 @@ as one MultiService.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from twisted.application import internet, service
@@ -14,9 +15,11 @@ from twisted.python import usage
 from pushd import config, tls
 from pushd.admission import Admission, fit_fd_limit
 from pushd.gateway.heap import FrozenStartup, HeapTrimmer
-from pushd.endpoints import BadListener, listener
+from pushd.endpoints import BadListener, listener, reuse_port_endpoint, split_tls
 from pushd.gateway.auth import Authenticator
+from pushd.gateway.cluster import Node, default_node_id
 from pushd.gateway.courier import CourierFactory
+from pushd.gateway.drain import Drain
 from pushd.gateway import hpackfast
 from pushd.gateway.enrol import Enrolment, EnrolSecrets
 from pushd.gateway.registry import DeviceRegistry, RegistryError
@@ -26,8 +29,9 @@ from pushd.gateway.replay import DEFAULT_SIZE as DEFAULT_REPLAY_CACHE_SIZE, Memo
 from pushd.gateway.replay import DEFAULT_PER_DEVICE as DEFAULT_REPLAY_PER_DEVICE
 from pushd.gateway.ratelimit import Buckets
 from pushd.gateway.router import Router
+from pushd.gateway.workers import Supervisor, refuse_reuse_port_supervisor, refuse_unshared_store, state_lock
 from pushd.gateway.tokens import TokenMinter
-from pushd.store import check_store, open_store
+from pushd.store import check_store, open_bus, open_store
 from pushd.store.interfaces import StoreUnavailable
 
 log = Logger()
@@ -118,11 +122,37 @@ class Options(config.Options):
          config.within("auth-verify-rate", float, 0.001)],
         ["auth-verify-burst", None, 100.0, "Provider tokens not seen before verified from one address in a burst.",
          config.within("auth-verify-burst", float, 1)],
+        # --- the cluster: nodes on a shared Redis (docs/cluster.md) ---
+        ["node-id", None, "", "This process's node id in the cluster (letters, digits, . _ : -); default: "
+         "host name, pid and start time."],
+        ["node-heartbeat", None, 3.0, "Seconds between the node's heartbeats (one store write each).",
+         config.within("node-heartbeat", float, 0.1, 60)],
+        ["node-ttl", None, 9.0, "Seconds a node counts as alive after its last heartbeat; then its devices "
+         "count as absent. More than --node-heartbeat.", config.within("node-ttl", float, 0.5, 600)],
+        # --- workers: N gateway processes on one host (docs/workers.md) ---
+        ["workers", None, 1, "Gateway processes on this host sharing the courier and provider ports "
+         "(tcp listeners, SO_REUSEPORT); each is a node with its own limits. More than 1 needs a shared "
+         "store (--store redis://HOST:PORT/DB).", config.within("workers", int, 1, 512)],
+        ["worker-backoff", None, 30.0, "Longest wait (s) before restarting a worker that keeps dying "
+         "(the first restart waits 1 s, doubling).", config.within("worker-backoff", float, 1)],
+        ["worker-restarts", None, 10, "Worker restarts allowed within 60 s (all workers); beyond, all are "
+         "stopped and the supervisor exits with status 1.", config.within("worker-restarts", int, 1)],
+        ["worker-stop-timeout", None, 30.0, "Seconds the supervisor waits for its workers to exit after "
+         "SIGTERM (they drain); then SIGKILL.", config.within("worker-stop-timeout", float, 1)],
+        # Drain on SIGTERM (docs/protocol.md "Reconnecting (device)").
+        ["drain-timeout", None, 5.0, "On SIGTERM, seconds to wait for provider requests under way, device acks "
+         "and store writes before exiting.", config.within("drain-timeout", float, 0.1, 600)],
+        ["drain-window", None, 2.0, "On SIGTERM, pushd devices are told to reconnect at a random moment within "
+         "this many seconds (GoAway), so that they do not all connect at once.",
+         config.within("drain-window", float, 0, 60)],
     ]
     optFlags = [
         ["access-log", None, "Log one line per provider request (off: a push service takes thousands a second)."],
         ["legacy-certs", None, "Accept device certificates of this CA missing from the device registry (issued "
                                "before it existed), and record them on first Connect."],
+        # --- workers (docs/workers.md) ---
+        ["reuse-port", None, "Open tcp listeners with SO_REUSEPORT, so that several gateway processes share "
+                             "a port (set in --workers' processes; for pushd-gateway@.service instances)."],
     ]
     multi = {
         "courier": ["tls:5223"],
@@ -130,12 +160,21 @@ class Options(config.Options):
         "hostname": ["localhost", "127.0.0.1"],
     }
 
+    def parseOptions(self, options=None):
+        # Kept for --workers: each worker is started with the same options.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
     def postOptions(self):
         super().postOptions()
         try:  # a bad --store: one line naming the option and the forms, before anything starts
             check_store(self["store"])
         except ValueError as e:
             raise usage.UsageError(str(e))
+        refusal = (refuse_unshared_store(self["workers"], self["store"])
+                   or refuse_reuse_port_supervisor(self["workers"], self["reuse-port"]))
+        if refusal:
+            raise usage.UsageError(refusal)
 
     def opt_courier(self, description):
         """Courier listener (endpoint string; tls: wraps it in pushd TLS). Repeatable. [default: tls:5223]"""
@@ -148,19 +187,6 @@ class Options(config.Options):
     def opt_hostname(self, name):
         """Name or address on the server certificate. Repeatable. [default: localhost, 127.0.0.1]"""
         self["hostname"].append(name)
-
-
-class StoreService(service.Service):
-    """Refuses new notifications (503 Shutdown) and closes the store when the gateway stops."""
-
-    def __init__(self, store, router):
-        self.store = store
-        self.router = router
-
-    def stopService(self):
-        super().stopService()
-        self.router.shutting_down = True
-        return self.store.close()
 
 
 def _expire(store, router):
@@ -201,11 +227,61 @@ def provider_limits(options) -> Limits:
     )
 
 
+def replay_caches(options, store, reactor):
+    """
+    (Connect replay cache, enrolment nonces). On a Redis store, shared by every node on it
+    (pushd.store.redis_replay): a Connect or enrolment replayed to another node is refused
+    too, and while Redis does not answer both are refused (fail closed). Else in memory.
+    """
+    from pushd.store.redis import RedisStore
+
+    if isinstance(store, RedisStore):
+        from pushd.store.redis_replay import RedisReplayCache
+
+        return (
+            RedisReplayCache(store, "replay", options["replay-cache-size"], options["replay-per-device"], reactor),
+            RedisReplayCache(store, "enrol", options["enrol-nonces"], clock=reactor),
+        )
+    return (
+        MemoryReplayCache(options["replay-cache-size"], reactor, options["replay-per-device"]),
+        MemoryReplayCache(options["enrol-nonces"], reactor),
+    )
+
+
+def supervisor(options, reactor):
+    """
+    ``--workers N``: the supervisor. It checks the listeners and creates the state the
+    workers share (CA, keys, secrets, the device registry's file) once, so N first starts
+    do not race to create them; it opens no store and no port itself.
+    """
+    for desc in (*options["courier"], *options["provider"]):
+        try:
+            reuse_port_endpoint(reactor, split_tls(desc)[1])
+        except (ValueError, KeyError, TypeError) as e:
+            raise usage.UsageError(f"--workers {options['workers']}: bad listener {desc!r}: {e}")
+    state = Path(options["state-dir"])
+    with state_lock(state):
+        tls.load_or_create_pki(state, list(options["hostname"]))
+        tls.secret_file(state / "token.secret")
+    try:
+        DeviceRegistry(state / "devices.sqlite3").close()
+    except RegistryError as e:
+        raise usage.UsageError(str(e))
+    return Supervisor(
+        options.argv, options["workers"], reactor, backoff=options["worker-backoff"],
+        max_restarts=options["worker-restarts"], stop_timeout=options["worker-stop-timeout"],
+    )
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    if options["workers"] > 1:
+        return supervisor(options, reactor)
     state = Path(options["state-dir"])
-    pki = tls.load_or_create_pki(state, list(options["hostname"]))
+    with state_lock(state):
+        pki = tls.load_or_create_pki(state, list(options["hostname"]))
+        token_secret = tls.secret_file(state / "token.secret")
     try:
         store = open_store(options["store"], state, options["queue-size"], reactor, options["sqlite-synchronous"],
                            redis_wait=options["redis-wait"])
@@ -215,10 +291,19 @@ def makeService(options, reactor=None):
         registry = DeviceRegistry(state / "devices.sqlite3", legacy=bool(options["legacy-certs"]))
     except RegistryError as e:
         raise usage.UsageError(str(e))
-    router = Router(store, TokenMinter(tls.secret_file(state / "token.secret")), reactor, registry=registry)
+    router = Router(store, TokenMinter(token_secret), reactor, registry=registry)
+    replay_cache, enrol_nonces = replay_caches(options, store, reactor)
 
     top = service.MultiService()
-    StoreService(store, router).setServiceParent(top)
+    # Started first, so stopped last: the listeners have stopped accepting when it drains.
+    drain = Drain(router, store, None, None, reactor, options["drain-timeout"], options["drain-window"])
+    drain.setServiceParent(top)
+    try:
+        node = Node(options["node-id"] or default_node_id(reactor), router, open_bus(store, reactor), reactor,
+                    heartbeat=options["node-heartbeat"], ttl=options["node-ttl"])
+    except ValueError as e:
+        raise usage.UsageError(str(e))
+    node.setServiceParent(top)  # after the drain: stopped before it (and the store) closes
     courier = CourierFactory(
         router,
         pki.ca_cert,
@@ -226,7 +311,7 @@ def makeService(options, reactor=None):
         keepalive_interval=options["keepalive"],
         grace=options["grace"],
         window=options["window"],
-        replay_cache=MemoryReplayCache(options["replay-cache-size"], reactor, options["replay-per-device"]),
+        replay_cache=replay_cache,
         registry=registry,
         connect_timeout=options["connect-deadline"],
         connect_budget=options["connect-budget"],
@@ -239,7 +324,7 @@ def makeService(options, reactor=None):
         rate_limit=Buckets(options["enrol-rate"], options["enrol-burst"], reactor),
         window=options["enrol-window"], max_nonces=options["enrol-nonces"],
         cert_days=options["cert-days"], overlap=options["cert-overlap"],
-        ipv6_prefix=options["ipv6-prefix"],
+        ipv6_prefix=options["ipv6-prefix"], nonces=enrol_nonces,
     )
     hpackfast.configure(options["hpack-cache-bytes"])
     site = make_site(
@@ -250,15 +335,16 @@ def makeService(options, reactor=None):
         verify_limit=Buckets(options["auth-verify-rate"], options["auth-verify-burst"], reactor),
         ipv6_prefix=options["ipv6-prefix"],
     )
+    drain.courier, drain.site = courier, site
     site.timeOut = options["idle-timeout"]
     site.access_log = bool(options["access-log"])
     try:
         for desc in options["courier"]:
             listener(reactor, desc, courier, pki.server_options(tls.COURIER_ALPN),
-                     courier_admission).setServiceParent(top)
+                     courier_admission, reuse_port=bool(options["reuse-port"])).setServiceParent(top)
         for desc in options["provider"]:
             listener(reactor, desc, site, pki.server_options(tls.PROVIDER_ALPN),
-                     provider_admission).setServiceParent(top)
+                     provider_admission, reuse_port=bool(options["reuse-port"])).setServiceParent(top)
     except BadListener as e:
         raise usage.UsageError(str(e))
     # pushctl device revoke writes the registry; the gateway notices within a second.

@@ -55,3 +55,16 @@ def open_store(spec: str, state_dir: Path, per_topic: int, reactor=None, synchro
         except ValueError as e:
             raise ValueError(f"--store: {e}; use {FORMS}") from None
     raise ValueError(f"--store: unknown store {spec!r}; use {FORMS}")
+
+
+def open_bus(store, reactor=None):
+    """The INodeBus that goes with ``store``: Redis's PUB/SUB for a store nodes share, else in-process."""
+    from pushd.store.redis import RedisStore
+
+    if isinstance(store, RedisStore):
+        from pushd.store.redisbus import RedisNodeBus
+
+        return RedisNodeBus(store)
+    from pushd.store.memory import LocalBus
+
+    return LocalBus(clock=reactor)

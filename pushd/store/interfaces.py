@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 
 class StoreUnavailable(Exception):
@@ -28,6 +28,26 @@ class StoredMessage:
     priority: int = 10
     collapse_id: str | None = None
     received: float = 0.0
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Where a device's live session is: a gateway node and that session's epoch there."""
+
+    node: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """What ``IMessageStore.enqueue`` fires with."""
+
+    #: The token's invalidation time (UNIX seconds) if it is invalidated: nothing was stored.
+    invalidated: float | None = None
+    #: The live node holding the device, found in the same operation (one round trip), for
+    #: a store several nodes share; None if no live node holds it, or for a one-node store
+    #: (the router then wakes its own session, if any).
+    owner: Owner | None = None
 
 
 def topic_scoped_id(message_id: bytes, topic_hash: bytes) -> bytes:
@@ -50,9 +70,10 @@ class IMessageStore(Interface):
 
     def enqueue(message):
         """
-        Persist ``message`` (a StoredMessage); fire with None once it is durable. If its
-        token is invalidated (ITokenRegistry), store nothing and fire with the time it was:
-        one call per push, not two, on the provider's hot path. The same message id
+        Persist ``message`` (a StoredMessage); fire with an Enqueued once it is durable,
+        naming the device's live owner (IPresence) if the store is shared by nodes. If its
+        token is invalidated (ITokenRegistry), store nothing and fire with an Enqueued
+        carrying the time it was: one call per push, not two, on the provider's hot path. The same message id
         for the same device and topic again replaces the earlier one (a provider's retry).
         An apns-id is not proof of ownership: a message of another topic (another team's)
         with the same id is left alone, and this one is stored under
@@ -144,16 +165,59 @@ class IDeviceRegistry(Interface):
 
 
 class IPresence(Interface):
-    """Which gateway node holds which device's connection."""
+    """
+    Which gateway node holds which device's live session, as an Owner (node, epoch). An entry
+    naming a node whose heartbeat (INodeBus.beat) has expired counts as absent, so nothing
+    is renewed per device: an idle device costs the store nothing.
+    """
 
-    def claim(device_id, node):
-        """Record that ``node`` holds the device; fire with the node that held it before, or None."""
+    def claim(device_id, node, epoch):
+        """
+        Record that ``node`` holds the device with the session of ``epoch``; fire with the
+        Owner recorded before if it is another live one (to be told to close it), else None.
+        """
 
-    def release(device_id, node):
-        """Forget the device's node, only if it is still ``node``."""
+    def release(device_id, node, epoch):
+        """Forget the device's owner, only if it is still (``node``, ``epoch``)."""
 
     def where(device_id):
-        """Fire with the node holding the device, or None."""
+        """Fire with the device's live Owner, or None."""
+
+    def release_all(node, device_ids):
+        """The node stops (drain): forget it for every device still on it, in one call (a
+        release per device cost the drain of 17,000 devices seconds). ``device_ids`` are
+        the node's own devices, for a store that cannot find them by node."""
+
+
+class INodeBus(Interface):
+    """
+    Gateway nodes' liveness and their messages to each other: each node listens on its own
+    channel. At-most-once: a message may be lost (a reconnect, a failover), so what rides
+    on it (wakes, kicks) must be safe to lose; ``connected`` says when to assume it was.
+    """
+
+    shared = Attribute("True if nodes of other processes are on this bus: a device may be held elsewhere.")
+
+    def listen(node, received, connected):
+        """
+        Listen on ``node``'s channel from now until ``close``: ``received(data)`` (bytes) per
+        message; ``connected()`` each time the subscription is (re)established.
+        """
+
+    def publish(node, data):
+        """Send ``data`` (bytes) on ``node``'s channel; fire with how many listeners got it."""
+
+    def beat(node, ttl):
+        """
+        Mark ``node`` alive for ``ttl`` seconds (its heartbeat); fire with True if it was
+        alive already, False if not (other nodes took its devices for absent meanwhile).
+        """
+
+    def reconnect():
+        """Drop the subscription and establish it again (it stopped delivering)."""
+
+    def close():
+        """Stop listening; fire when done."""
 
 
 # --- the Connect replay cache (issue 10) --------------------------------------------
@@ -165,14 +229,17 @@ class ReplayCacheFull(Exception):
 
 class IReplayCache(Interface):
     """
-    Nonces of nonce-only Connects (APNs-style clients) seen inside the nonce window, so
-    that a captured Connect replayed on another connection is refused. Memory provider:
-    ``pushd.gateway.replay``; a cluster shares one (Redis ``SET key 1 NX EXAT``).
+    Nonces of nonce-only Connects (APNs-style clients), and of enrolments, seen inside the
+    nonce window, so that a captured request replayed on another connection is refused.
+    Memory provider: ``pushd.gateway.replay``; a cluster shares one on Redis
+    (``pushd.store.redis_replay``), so a replay sent to another node is refused too.
     """
 
-    def seen(key, expires_at):
+    def seen(key, expires_at, owner=None):
         """
         Remember ``key`` (bytes) until ``expires_at`` (UNIX seconds). Fire with True if it
         was already remembered (a replay), False if it is new and now remembered; fail
-        with ReplayCacheFull when it cannot be remembered.
+        with ReplayCacheFull when it cannot be remembered (TooManyNonces when ``owner``, a
+        device id, holds its quota), and with StoreUnavailable when the cache cannot be
+        asked: the caller refuses then (fail closed).
         """

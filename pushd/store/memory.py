@@ -1,6 +1,7 @@
 """
 The in-process store: bounded queues in memory. Loses everything when the process ends; for
-tests and throwaway gateways. The durable providers implement the same interfaces.
+tests and throwaway gateways. The durable providers implement the same interfaces. And
+the in-process node bus (LocalBus) of the one-node stores.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ import uuid
 from twisted.internet import defer
 from zope.interface import implementer
 
-from pushd.store.interfaces import IMessageStore, IPresence, ITokenRegistry, topic_scoped_id
+from pushd.store.interfaces import (
+    Enqueued,
+    IMessageStore,
+    INodeBus,
+    IPresence,
+    ITokenRegistry,
+    Owner,
+    topic_scoped_id,
+)
 
 
 @implementer(IMessageStore, ITokenRegistry, IPresence)
@@ -30,7 +39,7 @@ class MemoryStore:
     def enqueue(self, m):
         since = self._invalid.get(m.token)
         if since is not None:
-            return defer.succeed(since)
+            return defer.succeed(Enqueued(invalidated=since))
         q = self._devices.setdefault(m.device_id, {})
         # Replace by id only within the topic (IMessageStore.enqueue).
         mid, scoped = m.message_id, topic_scoped_id(m.message_id, m.topic_hash)
@@ -49,7 +58,8 @@ class MemoryStore:
         for mid in same[: max(0, len(same) - self.per_topic)]:
             del q[mid]
             self.dropped += 1
-        return defer.succeed(None)
+        # One node: no owner to name, the router wakes its own session.
+        return defer.succeed(Enqueued())
 
     def pending(self, device_id, topic_hashes, limit, now):
         q = self._devices.get(device_id, {})
@@ -110,15 +120,79 @@ class MemoryStore:
 
     # --- presence ----------------------------------------------------------------
 
-    def claim(self, device_id, node):
+    def claim(self, device_id, node, epoch):
+        # One process: every node named is alive (they are tests' nodes sharing this store).
         before = self._presence.get(device_id)
-        self._presence[device_id] = node
-        return defer.succeed(before)
+        now = self._presence[device_id] = Owner(node, epoch)
+        return defer.succeed(before if before != now else None)
 
-    def release(self, device_id, node):
-        if self._presence.get(device_id) == node:
+    def release(self, device_id, node, epoch):
+        if self._presence.get(device_id) == Owner(node, epoch):
             del self._presence[device_id]
         return defer.succeed(None)
 
+    def release_all(self, node, device_ids=()):
+        mine = [d for d, o in self._presence.items() if o.node == node]
+        for d in mine:
+            del self._presence[d]
+        return defer.succeed(len(mine))
+
     def where(self, device_id):
         return defer.succeed(self._presence.get(device_id))
+
+
+class LocalHub:
+    """The medium of LocalBus handles: nodes in one process (one-node stores, tests)."""
+
+    def __init__(self, clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.listeners: dict = {}  # node -> (received, connected)
+        self.beats: dict = {}  # node -> alive until
+
+
+@implementer(INodeBus)
+class LocalBus:
+    """
+    INodeBus in one process: the bus of the memory and SQLite stores, which serve one node
+    (nothing is ever published on it but the node's own probes), and of tests that run
+    several nodes in one process. Delivery is on a later reactor turn, as over a network.
+    """
+
+    shared = False
+
+    def __init__(self, hub: LocalHub | None = None, clock=None):
+        self.hub = hub if hub is not None else LocalHub(clock)
+        self.node = None
+
+    def listen(self, node, received, connected):
+        if self.node is not None:
+            raise RuntimeError("this bus listens already")
+        self.node = node
+        entry = self.hub.listeners[node] = (received, connected)
+        self.hub.clock.callLater(0, lambda: self.hub.listeners.get(node) is entry and connected())
+
+    def publish(self, node, data):
+        entry = self.hub.listeners.get(node)
+        if entry is None:
+            return defer.succeed(0)
+        self.hub.clock.callLater(0, lambda: self.hub.listeners.get(node) is entry and entry[0](data))
+        return defer.succeed(1)
+
+    def beat(self, node, ttl):
+        now = self.hub.clock.seconds()
+        was = self.hub.beats.get(node, now) > now
+        self.hub.beats[node] = now + ttl
+        return defer.succeed(was)
+
+    def reconnect(self):
+        node, entry = self.node, self.hub.listeners.get(self.node)
+        if entry is not None:
+            self.hub.clock.callLater(0, lambda: self.hub.listeners.get(node) is entry and entry[1]())
+
+    def close(self):
+        if self.node is not None:
+            self.hub.listeners.pop(self.node, None)
+            self.node = None
+        return defer.succeed(None)

@@ -14,11 +14,19 @@ Keys, with P the prefix, D a device id and B = "P:{D}:" (a device's keys share a
     P:{D}:t:<th>       ZSET message id -> seq: the messages of one topic hash (for the cap)
     P:{D}:m:<id>       HASH: one message's fields
     P:{D}:c            HASH len(th):th + collapse id -> message id: the collapsible ones
-    P:{D}:node         STRING: the node holding the device's connection
+    P:{D}:node         STRING "<node> <epoch>": the node holding the device's live session
+                       (no TTL: it counts only while P:node:<node> lives; docs/cluster.md)
     P:expiry           ZSET len(B):B + message id -> expiry, for messages with an expiry
     P:pending          count of messages stored (all devices)
     P:dropped          count of messages dropped by the per-topic cap
     P:invalid          HASH token -> invalidation time
+    P:node:<node>      STRING with a TTL (--node-ttl): the node's heartbeat, SET every
+                       --node-heartbeat seconds (pushd.store.redisbus)
+
+Channels (PUB/SUB, one per node; pushd.gateway.cluster encodes the messages)::
+
+    P:bus:<node>       wakes (device ids), kicks (device id, epoch), probes; the node
+                       SUBSCRIBEs to its own, the others PUBLISH on it
 
 A device's message keys go with its last message. The scripts build per-message and
 per-topic key names themselves and the global keys live outside any hash tag, so this
@@ -42,9 +50,11 @@ from zope.interface import implementer
 
 from pushd._lowlevel import txredis
 from pushd.store.interfaces import (
+    Enqueued,
     IMessageStore,
     IPresence,
     ITokenRegistry,
+    Owner,
     StoredMessage,
     StoreUnavailable,
     topic_scoped_id,
@@ -71,16 +81,27 @@ local function remove(base, mid, expiry)
   return 1
 end
 
+-- The device's owner "<node> <epoch>" if that node's heartbeat key lives, else nil.
+local function live_owner(key, beats)
+  local owner = redis.call('GET', key)
+  if not owner then return nil end
+  local sp = string.find(owner, ' ', 1, true)
+  if sp and redis.call('EXISTS', beats .. string.sub(owner, 1, sp - 1)) == 1 then return owner end
+  return nil
+end
+
 -- A device without messages leaves no keys behind (Redis drops empty zsets and hashes).
 local function tidy(base)
   if redis.call('EXISTS', base .. 'o') == 0 then redis.call('DEL', base .. 'seq') end
 end
 """
 
-# KEYS: expiry, pending, dropped, invalid tokens
+# KEYS: expiry, pending, dropped, invalid tokens, the device's owner
 # ARGV: base, id, token, topic, th, payload, expiry, priority, received, per_topic,
-#       topic-scoped id, random id[, collapse id]
-# Returns {1, since} (nothing stored) for an invalidated token, else {0, dropped}.
+#       topic-scoped id, random id, heartbeat key prefix[, collapse id]
+# Returns {1, since} (nothing stored) for an invalidated token, else {0, dropped[, owner]}
+# with the owner ("<node> <epoch>") if its node's heartbeat is alive: the wake's address
+# in the same round trip.
 # Replaces by id only within the topic; the id another topic holds is left to it
 # (IMessageStore.enqueue).
 _ENQUEUE = _LIB + """
@@ -94,7 +115,7 @@ end
 if redis.call('EXISTS', base .. 'm:' .. mid) == 1 then
   if redis.call('EXISTS', base .. 'm:' .. scoped) == 0 then mid = scoped else mid = ARGV[12] end
 end
-local cid = ARGV[13]
+local cid = ARGV[14]
 if cid then
   local cf = cfield(th, cid)
   local old = redis.call('HGET', base .. 'c', cf)
@@ -120,6 +141,8 @@ if over > 0 then
 end
 redis.call('INCRBY', KEYS[2], 1 - gone - dropped)
 tidy(base)
+local owner = live_owner(KEYS[5], ARGV[13])
+if owner then return {0, dropped, owner} end
 return {0, dropped}
 """
 
@@ -199,21 +222,41 @@ if n > 0 then redis.call('DECRBY', KEYS[2], n) end
 return {n, #members}
 """
 
-# KEYS: node key; ARGV: node
-_CLAIM = """
-local before = redis.call('GET', KEYS[1])
+# KEYS: the device's owner; ARGV: "<node> <epoch>", heartbeat key prefix
+# Returns the owner before if it is another live one (to be kicked), else nil.
+_CLAIM = _LIB + """
+local before = live_owner(KEYS[1], ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1])
+if before == ARGV[1] then return nil end
 return before
 """
 
+# KEYS: the device's owner; ARGV: "<node> <epoch>"
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
-_ENQUEUE, _PENDING, _ACK, _ACK_MANY, _EXPIRE, _CLAIM, _RELEASE = (
-    s.encode() for s in (_ENQUEUE, _PENDING, _ACK, _ACK_MANY, _EXPIRE, _CLAIM, _RELEASE)
+_RELEASE_ALL = """
+local mine = ARGV[1] .. ' '
+local n = 0
+for _, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if v and string.sub(v, 1, string.len(mine)) == mine then n = n + redis.call('DEL', key) end
+end
+return n
+"""
+
+# KEYS: the device's owner; ARGV: heartbeat key prefix
+_WHERE = _LIB + """
+return live_owner(KEYS[1], ARGV[1])
+"""
+
+_ENQUEUE, _PENDING, _ACK, _ACK_MANY, _EXPIRE, _CLAIM, _RELEASE, _RELEASE_ALL, _WHERE = (
+    s.encode() for s in (_ENQUEUE, _PENDING, _ACK, _ACK_MANY, _EXPIRE, _CLAIM, _RELEASE, _RELEASE_ALL, _WHERE)
 )
+#: Keys per release_all script: a drain of 17,000 devices is 17 calls, none holding Redis long.
+RELEASE_CHUNK = 1000
 
 
 def parse_url(url: str):
@@ -415,6 +458,9 @@ class RedisStore:
         self._pending = self._prefix + b":pending"
         self._dropped = self._prefix + b":dropped"
         self._invalid = self._prefix + b":invalid"
+        #: Heartbeat keys are this + node id; nodes' channels ``channel_prefix`` + node id.
+        self.beat_prefix = self._prefix + b":node:"
+        self.channel_prefix = self._prefix + b":bus:"
         self._waiting = collections.deque()  # operations not sent yet, in call order
         self._sent: dict = {}  # connection -> deque of its operations not answered, in send order
         self._inflight = 0
@@ -720,12 +766,19 @@ class RedisStore:
             return defer.fail()
         args = [self._base(m.device_id), m.message_id, m.token, m.topic.encode("utf-8"), m.topic_hash,
                 m.payload, _num(m.expiry), _num(m.priority), _num(float(m.received)), _num(self.per_topic),
-                topic_scoped_id(m.message_id, m.topic_hash), os.urandom(16)]
+                topic_scoped_id(m.message_id, m.topic_hash), os.urandom(16), self.beat_prefix]
         if m.collapse_id is not None:
             args.append(m.collapse_id.encode("utf-8"))
-        d = self._script(_ENQUEUE, [self._expiry, self._pending, self._dropped, self._invalid], args, m.device_id,
-                         wait=self.wait > 0)
-        return d.addCallback(lambda r: float(r[1]) if int(r[0]) else None)
+        base = args[0]
+        d = self._script(_ENQUEUE, [self._expiry, self._pending, self._dropped, self._invalid, base + b"node"],
+                         args, m.device_id, wait=self.wait > 0)
+        return d.addCallback(self._enqueued)
+
+    @staticmethod
+    def _enqueued(r):
+        if int(r[0]):
+            return Enqueued(invalidated=float(r[1]))
+        return Enqueued(owner=_owner(r[2]) if len(r) > 2 else None)
 
     def pending(self, device_id, topic_hashes, limit, now):
         hashes = sorted(set(topic_hashes))
@@ -788,14 +841,36 @@ class RedisStore:
 
     # --- presence --------------------------------------------------------------------------
 
-    def claim(self, device_id, node):
-        d = self._script(_CLAIM, [self._base(device_id) + b"node"], [node.encode("utf-8")], device_id)
-        return d.addCallback(lambda v: v.decode("utf-8") if v is not None else None)
+    def claim(self, device_id, node, epoch):
+        d = self._script(_CLAIM, [self._base(device_id) + b"node"], [_presence(node, epoch), self.beat_prefix],
+                         device_id)
+        return d.addCallback(_owner)
 
-    def release(self, device_id, node):
-        d = self._script(_RELEASE, [self._base(device_id) + b"node"], [node.encode("utf-8")], device_id)
+    def release(self, device_id, node, epoch):
+        d = self._script(_RELEASE, [self._base(device_id) + b"node"], [_presence(node, epoch)], device_id)
         return d.addCallback(lambda _: None)
 
+    def release_all(self, node, device_ids=()):
+        """The node's presence keys are per device (no index by node): the caller names
+        them, released in a few scripts of RELEASE_CHUNK keys."""
+        keys = [self._base(d) + b"node" for d in device_ids]
+        arg = [node.encode("utf-8")]
+        calls = [self._script(_RELEASE_ALL, keys[i:i + RELEASE_CHUNK], arg)
+                 for i in range(0, len(keys), RELEASE_CHUNK)]
+        return defer.gatherResults(calls, consumeErrors=True).addCallback(sum)
+
     def where(self, device_id):
-        d = self._command(b"GET", self._base(device_id) + b"node", device=device_id)
-        return d.addCallback(lambda v: v.decode("utf-8") if v is not None else None)
+        d = self._script(_WHERE, [self._base(device_id) + b"node"], [self.beat_prefix], device_id)
+        return d.addCallback(_owner)
+
+
+def _presence(node: str, epoch: int) -> bytes:
+    return b"%s %d" % (node.encode("utf-8"), epoch)
+
+
+def _owner(value):
+    """A presence value read back: "<node> <epoch>" -> Owner (None stays None)."""
+    if value is None:
+        return None
+    node, _, epoch = value.rpartition(b" ")
+    return Owner(node.decode("utf-8"), int(epoch))

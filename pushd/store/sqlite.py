@@ -22,9 +22,11 @@ from zope.interface import implementer
 
 from pushd import private
 from pushd.store.interfaces import (
+    Enqueued,
     IMessageStore,
     IPresence,
     ITokenRegistry,
+    Owner,
     StoredMessage,
     StoreUnavailable,
     topic_scoped_id,
@@ -51,7 +53,8 @@ CREATE INDEX IF NOT EXISTS messages_expiry ON messages (expiry) WHERE expiry > 0
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('dropped', 0);
 CREATE TABLE IF NOT EXISTS invalid_tokens (token BLOB PRIMARY KEY, since REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS presence (device_id TEXT PRIMARY KEY, node TEXT NOT NULL);
+DROP TABLE IF EXISTS presence;
+CREATE TABLE IF NOT EXISTS owners (device_id TEXT PRIMARY KEY, node TEXT NOT NULL, epoch INTEGER NOT NULL);
 """
 
 COLUMNS = "message_id, device_id, token, topic, topic_hash, payload, expiry, priority, collapse_id, received"
@@ -174,7 +177,7 @@ class SQLiteStore:
     def _enqueue(self, db, m):
         row = db.execute("SELECT since FROM invalid_tokens WHERE token = ?", (m.token,)).fetchone()
         if row is not None:
-            return row[0]
+            return Enqueued(invalidated=row[0])
         # Replace by id only within the topic (IMessageStore.enqueue).
         mid, scoped = m.message_id, topic_scoped_id(m.message_id, m.topic_hash)
         db.execute("DELETE FROM messages WHERE device_id = ? AND message_id IN (?, ?) AND topic_hash = ?",
@@ -205,6 +208,8 @@ class SQLiteStore:
                 (m.device_id, m.topic_hash, over),
             )
             db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (over,))
+        # One node: no owner to name, the router wakes its own session.
+        return Enqueued()
 
     def pending(self, device_id, topic_hashes, limit, now):
         return self._submit(self._pending, device_id, list(topic_hashes), limit, now)
@@ -274,23 +279,29 @@ class SQLiteStore:
             lambda db: db.execute("DELETE FROM invalid_tokens WHERE token = ?", (token,)) and None
         )
 
-    def claim(self, device_id, node):
+    def claim(self, device_id, node, epoch):
         def q(db):
-            row = db.execute("SELECT node FROM presence WHERE device_id = ?", (device_id,)).fetchone()
-            db.execute("INSERT OR REPLACE INTO presence VALUES (?, ?)", (device_id, node))
-            return row[0] if row else None
+            row = db.execute("SELECT node, epoch FROM owners WHERE device_id = ?", (device_id,)).fetchone()
+            db.execute("INSERT OR REPLACE INTO owners VALUES (?, ?, ?)", (device_id, node, epoch))
+            before = Owner(*row) if row else None
+            return before if before != Owner(node, epoch) else None
 
         return self._submit(q)
 
-    def release(self, device_id, node):
+    def release(self, device_id, node, epoch):
         return self._submit(
-            lambda db: db.execute("DELETE FROM presence WHERE device_id = ? AND node = ?", (device_id, node))
-            and None
+            lambda db: db.execute("DELETE FROM owners WHERE device_id = ? AND node = ? AND epoch = ?",
+                                  (device_id, node, epoch)) and None
+        )
+
+    def release_all(self, node, device_ids=()):
+        return self._submit(
+            lambda db: db.execute("DELETE FROM owners WHERE node = ?", (node,)).rowcount
         )
 
     def where(self, device_id):
         def q(db):
-            row = db.execute("SELECT node FROM presence WHERE device_id = ?", (device_id,)).fetchone()
-            return row[0] if row else None
+            row = db.execute("SELECT node, epoch FROM owners WHERE device_id = ?", (device_id,)).fetchone()
+            return Owner(*row) if row else None
 
         return self._submit(q)

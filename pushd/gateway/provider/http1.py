@@ -253,6 +253,13 @@ class ProviderChannel(http.HTTPChannel):
             self._abort_call.cancel()
         super().connectionLost(reason)
 
+    def drain(self):
+        """The gateway stops: closed now if idle, else after the answer under way."""
+        self.persistent = False
+        if not self.requests:
+            self._stop_timers()
+            self.loseConnection()
+
 
 class PrefaceSniffingChannel(http._GenericHTTPChannelProtocol):
     """
@@ -293,6 +300,20 @@ class PrefaceSniffingChannel(http._GenericHTTPChannelProtocol):
         self._channel.makeConnection(transport)
         self._negotiatedProtocol = b"h2"
 
+    def makeConnection(self, transport):
+        self._site.channels.add(self)  # (the proxy passes makeConnection on, not connectionMade)
+        super().makeConnection(transport)
+
+    def connectionLost(self, reason):
+        self._site.channels.discard(self)
+        if not self._site.channels and self._site._drained is not None:
+            d, self._site._drained = self._site._drained, None
+            d.callback(None)
+        super().connectionLost(reason)
+
+    def drain(self):
+        self._channel.drain()
+
 
 class ProviderSite(server.Site):
     #: One line per request in the log: off by default, a push service takes thousands a second.
@@ -304,6 +325,20 @@ class ProviderSite(server.Site):
         self.limits = limits
         self.ipv6_prefix = ipv6_prefix  # for address_key, as the admission's
         self.logs = Logs(self, self._log)
+        #: Live connections (at most --provider-max-connections): the drain closes them.
+        self.channels = set()
+        self._drained = None
+
+    def drain(self):
+        """The gateway stops: HTTP/2 connections get GOAWAY, HTTP/1.1 ones close after the
+        answer under way; fire once all are closed (the caller bounds the wait)."""
+        self._drained = d = defer.Deferred()
+        for channel in list(self.channels):
+            channel.drain()
+        if not self.channels and self._drained is d:
+            self._drained = None
+            d.callback(None)
+        return d
 
     def seconds(self) -> float:
         """The site's clock (``reactor`` may be replaced by a test's Clock after construction)."""

@@ -70,6 +70,9 @@ _check_h2_internals()
 ABORT_AFTER = 15
 #: The same after a hostile close (protocol error, too many requests or resets, late headers).
 ABORT_HOSTILE = 2
+#: Drain: how often a connection with requests under way looks again whether it is idle.
+DRAIN_POLL = 0.05
+_SHUTDOWN = b'{"reason":"Shutdown"}'
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
 _END_STREAM, _PADDED = 0x1, 0x8
 _PREFACE = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -207,6 +210,7 @@ class ProviderH2(Protocol):
         self._deadline_call = None
         self._body_call = None
         self._auth_call = None
+        self._drain_call = None
         self._abort = None
         self.headers_seen = False
         self.closing = False
@@ -383,8 +387,29 @@ class ProviderH2(Protocol):
         self.transport.loseConnection()
         self._abort = self.clock.callLater(abort_after, self.transport.abortConnection)
 
+    def drain(self):
+        """
+        The gateway stops: requests that come are answered 503 Shutdown (the router); once
+        none is under way, GOAWAY (NO_ERROR, the last stream processed, debug data
+        Shutdown) and the close; a request sent meanwhile has a higher stream id, so its
+        client knows it was not processed (RFC 9113 6.8). One GOAWAY, sent only when idle,
+        not a first one at once: an h2-based client (aioapns) fails on any frame after a
+        GOAWAY, the answers of its requests under way included (h2 4.4's state machine).
+        """
+        if not self.closing and self._drain_call is None:
+            self._drained()
+
+    def _drained(self):
+        self._drain_call = None
+        if self.closing:
+            return
+        if self.pending or self.streams or self.unsent:
+            self._drain_call = self.clock.callLater(DRAIN_POLL, self._drained)
+            return
+        self._close(ErrorCodes.NO_ERROR, debug=_SHUTDOWN)
+
     def _stop_timers(self):
-        for name in ("_idle_call", "_deadline_call", "_body_call", "_auth_call"):
+        for name in ("_idle_call", "_deadline_call", "_body_call", "_auth_call", "_drain_call"):
             call = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()

@@ -16,6 +16,7 @@ import uuid
 from functools import partial
 from typing import NamedTuple
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from pushd import wire
@@ -309,17 +310,34 @@ ENROL_STATUS = {
     enrol.CertificateExpired: 403, enrol.BadSignature: 403, enrol.DeviceRevoked: 403,
     enrol.UnknownCertificate: 403, enrol.CertificateReplaced: 403,
     enrol.ReplayedRequest: 409, enrol.KeyAlreadyEnrolled: 409,
-    enrol.TooManyEnrolments: 503, enrol.RegistryUnavailable: 503,
+    enrol.TooManyEnrolments: 503, enrol.RegistryUnavailable: 503, enrol.NonceCacheUnavailable: 503,
 }
 
 
-def enrol_answer(enrolment, body: bytes, overflow: bool, peer) -> Answer:
-    """An enrolment or renewal request's response."""
+def _enrol_refused(e) -> Answer:
+    return Answer(ENROL_STATUS.get(type(e), 400), [_JSON], json.dumps({"reason": e.text, **e.extra}).encode())
+
+
+def _enrol_ok(out) -> Answer:
+    return Answer(200, [_JSON], json.dumps(out).encode())
+
+
+def _enrol_failed(failure) -> Answer:
+    if failure.check(enrol.Refused):
+        return _enrol_refused(failure.value)
+    DeviceAPI.log.failure("enrolment failed", failure)
+    return Answer(500, [_JSON], b'{"reason": "InternalServerError"}')
+
+
+def enrol_answer(enrolment, body: bytes, overflow: bool, peer):
+    """An enrolment or renewal request's response, or a Deferred of it (a shared nonce cache)."""
     try:
         out = enrolment.answer(body, overflow, peer)
     except enrol.Refused as e:
-        return Answer(ENROL_STATUS.get(type(e), 400), [_JSON], json.dumps({"reason": e.text, **e.extra}).encode())
-    return Answer(200, [_JSON], json.dumps(out).encode())
+        return _enrol_refused(e)
+    if isinstance(out, Deferred):
+        return out.addCallbacks(_enrol_ok, _enrol_failed)
+    return _enrol_ok(out)
 
 
 class ProviderAPI:
