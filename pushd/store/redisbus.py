@@ -10,6 +10,7 @@ from __future__ import annotations
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -55,7 +56,11 @@ class _MasterEndpoint:
         self.bus = bus
 
     def connect(self, factory):
-        host, port = self.bus.where()
+        where = self.bus.where()
+        if where is None:
+            # A failed attempt: txredisapi's ClientService tries again after its backoff.
+            return defer.fail(ConnectError(string="the sentinels have not named the Redis master yet"))
+        host, port = where
         store = self.bus.store
         return HostnameEndpoint(store.reactor, host, port, timeout=store.timeout).connect(factory)
 
@@ -115,10 +120,14 @@ class RedisNodeBus:
     # --- the subscriber connection ---------------------------------------------------------
 
     def where(self):
-        """(host, port) to subscribe at: the store's master if it knows one, else its URL's."""
+        """(host, port) to subscribe at: the store's master if it knows one, else its URL's;
+        None while a Sentinel URL's master is not known yet (a gateway listens at start,
+        before its store's pool has asked the sentinels: that raised and stopped the node)."""
         master = getattr(self.store, "master", None)
         if master is not None and master[0] is not None:
             return master
+        if self.store.url.startswith("redis-sentinel://"):
+            return None
         host, port = parse_url(self.store.url)[:2]
         return host, port
 
@@ -126,7 +135,7 @@ class RedisNodeBus:
         conn = self._conn
         if conn is not None and conn.connected:
             peer = conn.transport.getPeer()
-            if (peer.host, peer.port) != tuple(self.where()):
+            if (peer.host, peer.port) != tuple(self.where() or ()):
                 self.log.info("Redis master moved: subscribing there")
                 self.reconnect()
 
