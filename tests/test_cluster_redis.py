@@ -111,9 +111,6 @@ class SentinelBusTests(unittest.TestCase):
         yield replicated(master, 1)
         sentinel = yield RedisSentinel(self, master, "pushd-test").start()
         yield sentinel.knows_replicas(1)
-        # After close: a master look-up under way when the store closes keeps its timer
-        # (txredisapi's Sentinel.discover_master, discovery_timeout = the store's timeout).
-        self.addCleanup(task.deferLater, reactor, 1.1, lambda: None)
         store = RedisStore(sentinel.store_url(), per_topic=10, timeout=1.0)
         self.addCleanup(store.close)
         # Listening at once, as a gateway does at start: the master is not known yet.
