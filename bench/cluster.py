@@ -217,7 +217,8 @@ def render(res: dict) -> str:
                 f"{_n(i['redis']['accepted_per_cpu_s'])} | {i['ratio']} | ≥ 0.8, {_met(i['ratio'] >= 0.8)} |",
                 "",
                 f"Fan-out: {_n(st['params']['devices'])} connected devices, {st['params']['messages']} "
-                "notifications each queued first, then drained and acked (as in \"Fan-out\" above). "
+                "notifications each queued first, then drained and acked (as in \"Fan-out\" above, "
+                "with fewer per device, so a device's per-pass costs weigh more). "
                 f"Ingest: HTTP/2, JWT, 8 × 64 streams for {st['params']['ingest_duration_s']} s (as in "
                 "\"Provider ingest\"). Redis's own CPU is not in the gateway's figure: "
                 f"{i['redis'].get('redis_cpu_s', '–')} s of Redis CPU during the "
@@ -260,10 +261,12 @@ def render(res: dict) -> str:
                 f"accepted pushes {round(b['accepted_per_s'] / a['accepted_per_s'], 2)}x. "
                 f"This machine has {wk['params']['cpus']} cores and the load generator shares them: "
                 "the device fleet (fan-out; \"load CPU share\" is its CPU-seconds per second) and "
-                "h2load (ingest) run on one core, which is also one of the two workers', and Redis "
-                "runs on the other. So 2 workers here compete with the load and with Redis for the "
-                "same two cores; on a host where the load comes from elsewhere a second worker gets "
-                f"a core of its own. {_n(wk['params']['devices'])} devices, "
+                "h2load (ingest) are pinned to one core and Redis to the other, and the gateway "
+                "(1 worker, or the supervisor and its 2 workers) may run on both in either row. So 2 "
+                "workers here compete with the load and with Redis for the same two cores; on a host "
+                "where the load comes from elsewhere a second worker gets a core of its own. Gateway "
+                "CPU-s counts every gateway process (supervisor included). "
+                f"{_n(wk['params']['devices'])} devices, "
                 f"{wk['params']['messages']} notifications each (fan-out), "
                 f"{wk['params']['ingest_duration_s']} s of HTTP/2 ingest, Redis store.", ""]
     elif wk:
@@ -277,8 +280,8 @@ def render(res: dict) -> str:
                 f"({idle['connect_errors']} connect errors), Redis's INFO commandstats before and after "
                 f"a quiet window of {idle['window_s']} s: **{idle['total_per_second']} commands per second "
                 f"in all** ({cmds}), {per} per device (target ≈ 0: {_met(per is not None and per < 0.001)}). "
-                "Liveness is per node (a heartbeat script and a probe PUBLISH every 3 s each), nothing "
-                "per device. Two nodes because one process here holds at most about 20,000 fds.", ""]
+                "Liveness is per node: every 3 s each node runs one heartbeat script (EVALSHA, with "
+                "the SET and EXISTS inside it counted too) and publishes one probe; nothing per device. Two nodes because one process here holds at most about 20,000 fds.", ""]
         targets.append(("idle Redis commands/s per device (20,000 devices)", per, per is not None and per < 0.001))
     elif idle:
         out += [f"_idle: {idle['error']}_", ""]
