@@ -307,7 +307,9 @@ def render(res: dict) -> str:
                 f"a quiet window of {idle['window_s']} s: **{idle['total_per_second']} commands per second "
                 f"in all** ({cmds}), {per} per device (target ≈ 0: {_met(per is not None and per < 0.001)}). "
                 "Liveness is per node: every 3 s each node runs one heartbeat script (EVALSHA, with "
-                "the SET and EXISTS inside it counted too) and publishes one probe; nothing per device. Two nodes because one process here holds at most about 20,000 fds.", ""]
+                "the SET and EXISTS inside it counted too) and publishes one probe, and every 60 s runs the "
+                "expiry sweep (one script: ZRANGEBYSCORE inside; SCRIPT LOAD the first time); nothing "
+                "per device. Two nodes because one process here holds at most about 20,000 fds.", ""]
         targets.append(("idle Redis commands/s per device (20,000 devices)", per, per is not None and per < 0.001))
     elif idle:
         out += [f"_idle: {idle['error']}_", ""]
