@@ -82,6 +82,7 @@ class Admission:
         ipv6_prefix: int = 64,
         max_addresses: int = 16384,
         preauth_reads_per_turn: int = 0,
+        heap=None,
     ):
         self.name = name
         self.clock = clock
@@ -102,6 +103,8 @@ class Admission:
         self.refusals = LogThrottle(clock, self._log_refusals)
         #: Pre-handshake reads per reactor turn (0: not paced).
         self.pacer = Pacer(clock, preauth_reads_per_turn)
+        #: Poked as connections end (pushd.gateway.heap.HeapTrimmer), or None.
+        self.heap = heap
 
     def __len__(self):
         """Sources remembered."""
@@ -131,6 +134,8 @@ class Admission:
     def release(self, key) -> None:
         """A connection admitted under ``key`` (its ticket) is gone."""
         self.live -= 1
+        if self.heap is not None:
+            self.heap.poke()
         if key is _UNKEYED:
             return
         live = self._active.get(key)
@@ -157,6 +162,8 @@ class Admission:
     def stop(self) -> None:
         self.refusals.stop()
         self.pacer.stop()
+        if self.heap is not None:
+            self.heap.stop()
 
 
 class Pacer:

@@ -71,6 +71,25 @@ class LeanTLSProtocol(BufferingTLSTransport):
         """Past its handshake (or failed): pushd.admission stops pacing its reads."""
         return self._handshakeDone or self._lostTLSConnection
 
+    # Two reference cycles would leave an ended connection (its application protocol
+    # with it) to the cyclic collector, whose full collections stalled every honest push
+    # by 41-102 ms under floods of closing connections (bench/abuse.py, gc callbacks in
+    # the gateway). Broken here, so refcounting frees it:
+
+    def _tlsShutdownFinished(self, reason):
+        # a TLS error's Failure -> its traceback -> the frame that caught it, whose
+        # locals hold the Failure (and this protocol); an EOF without close_notify, what
+        # most floods end with, is one. Strings instead of frames, as Failure does to pickle.
+        super()._tlsShutdownFinished(reason)
+        if reason is not None:
+            reason.cleanFailure()
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        # this -> the producer membrane -> the application (it registered itself as the
+        # producer) -> its transport, this.
+        self._producer = None
+
     def dataReceived(self, data):
         super().dataReceived(data)
         if self._handshakeDone and not self._lostTLSConnection:

@@ -71,6 +71,20 @@ class AdmissionTests(unittest.TestCase):
         self.assertIsNotNone(self.open(v4("10.0.0.9")))
         self.assertEqual(self.adm.live, 3)
 
+    def test_ended_connections_trim_the_heap(self):
+        """After a burst of connections ends, its freed pages go back to the OS (HeapTrimmer)."""
+        from pushd.gateway.heap import HeapTrimmer
+
+        trims = []
+        self.make(heap=HeapTrimmer(self.clock, delay=1.0, trim=trims.append))
+        conns = [self.open(v4(f"10.0.0.{i}")) for i in range(3)]
+        for c in conns:
+            self.close(c)
+        self.clock.advance(1.0)
+        self.assertEqual(trims, [0])
+        self.adm.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_total_cap_holds_under_an_accept_flood(self):
         self.make(max_connections=50, max_per_address=10_000, rate=1e9, burst=1e9)
         opened = [self.open(v4("10.0.0.1", 1000 + i)) for i in range(5000)]
@@ -262,6 +276,7 @@ class GatewayWiringTests(unittest.TestCase):
         self.assertEqual((p.name, p.max_connections, p.max_per_address), ("provider", 90, 5))
         self.assertEqual((c.pacer.budget, p.pacer.budget), (3, 3))
         self.assertIsNot(c.pacer, p.pacer, "one pacer per role")
+        self.assertIsNotNone(p.heap, "the provider's connections trim the heap (the courier's factory does its own)")
 
 
 class Recorder(protocol.Protocol):

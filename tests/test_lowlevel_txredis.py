@@ -38,3 +38,24 @@ class SelfCheckTests(unittest.TestCase):
 
         with mock.patch.object(txredisapi.BaseRedisProtocol, "__init__", without_queue):
             self.assertIn("replyQueue", " ".join(txredis.self_check()))
+
+
+class SentinelLookupTests(unittest.TestCase):
+    def test_closing_waits_for_a_master_lookup_in_flight(self):
+        """A pool closed while it asks the sentinels for the master fires only once that
+        look-up has ended: its timer (txredisapi's, on the global reactor) is not left
+        behind. Without the wait trial reports the reactor unclean."""
+        from twisted.internet import reactor
+
+        from tests.procs import free_port
+
+        pool = txredis.sentinel_pool([("127.0.0.1", free_port())], "nobody", dbid=0, poolsize=1, password=None,
+                                     username=None, connect_timeout=0.2, on_connection=lambda conn: None,
+                                     discovery_timeout=0.3)
+        pool.on_failure(lambda f: None)
+
+        def closed(_):
+            left = [c for c in reactor.getDelayedCalls() if "discover_master" in repr(c.func)]
+            self.assertEqual(left, [])
+
+        return pool.disconnect().addCallback(closed)

@@ -115,7 +115,10 @@ class HandshakeFailureLogTests(unittest.TestCase):
         yield f.stop()
         self.assertEqual(f.successes, 0)
         why = [line for line in self.lines if "ended before Connect was accepted" in line]
-        self.assertEqual(len(why), f.failures, self.lines)
+        # One line per failed attempt; an attempt ending while stop() runs may be logged
+        # and not yet counted (or counted and not yet logged): seen in CI under load.
+        self.assertGreaterEqual(len(why), 2, self.lines)
+        self.assertLessEqual(abs(len(why) - f.failures), 1, self.lines)
         self.assertIn("certificate is not yet valid", why[0])
         self.assertIn("valid " + (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H"), why[0])
         self.assertNotIn("\n", why[0])

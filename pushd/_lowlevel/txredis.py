@@ -79,9 +79,11 @@ class Pool:
         from twisted.internet import defer
 
         ds = [self._factory.disconnect()]
-        if self._sentinel is not None:
-            ds.append(self._sentinel.disconnect())
-        return defer.gatherResults(ds, consumeErrors=True)
+        if self._sentinel is None:
+            return defer.gatherResults(ds, consumeErrors=True)
+        ds.append(self._sentinel.disconnect())
+        done = defer.gatherResults(ds, consumeErrors=True)
+        return done.addBoth(lambda r: self._sentinel.settled().addCallback(lambda _: r))
 
 
 def _factory_kwargs(password, username):
@@ -102,13 +104,44 @@ def plain_pool(reactor, host, port, *, dbid, poolsize, password, username, conne
     return Pool(factory)
 
 
+class _Sentinel(txredisapi.Sentinel):
+    """
+    txredisapi's manager, remembering when its last master look-up began: each look-up
+    arms a timer of the global reactor for ``discovery_timeout`` that only a sentinel
+    naming a healthy master cancels (not a look-up cancelled by closing the pool). A pool
+    closed meanwhile left that timer behind (a test's dirty reactor), so ``disconnect``
+    waits it out: at most ``discovery_timeout`` (the store's timeout, 1-2 s).
+    """
+
+    looked_at = None
+
+    def discover_master(self, service_name):
+        from twisted.internet import reactor
+
+        d = super().discover_master(service_name)
+        if not d.called:
+            self.looked_at = reactor.seconds()
+        return d
+
+    def settled(self):
+        """Fire once no look-up's timer can be left."""
+        from twisted.internet import defer, reactor, task
+
+        if self.looked_at is None:
+            return defer.succeed(None)
+        left = self.looked_at + self.discovery_timeout - reactor.seconds()
+        if left <= 0:
+            return defer.succeed(None)
+        return task.deferLater(reactor, left + 0.01, lambda: None)
+
+
 def sentinel_pool(sentinels, service, *, dbid, poolsize, password, username, connect_timeout, on_connection,
                   discovery_timeout):
     """
     A pool on the master Sentinel names for ``service``: every (re)connection asks the
     sentinels first, and connections to a node that is no longer the master are dropped.
     """
-    manager = txredisapi.Sentinel(sentinels, connectTimeout=connect_timeout)
+    manager = _Sentinel(sentinels, connectTimeout=connect_timeout)
     # How long a master look-up waits for a sentinel that knows a healthy master (default 10 s:
     # a failover would keep every node silent that much longer).
     manager.discovery_timeout = discovery_timeout
@@ -145,7 +178,7 @@ def self_check() -> list:
                                                   "stopped", "deferred")),
                        (txredisapi.SentinelConnectionFactory, ("addConnection", "maxDelay", "retryDelay")),
                        (txredisapi.SentinelRedisProtocol, ("role", "connectionMade")),
-                       (txredisapi.Sentinel, ("discovery_timeout", "disconnect")),
+                       (txredisapi.Sentinel, ("discovery_timeout", "disconnect", "discover_master")),
                        (txredisapi.BaseRedisProtocol, ("handle_reply",))):
         probe = cls
         if cls is txredisapi.RedisFactory:

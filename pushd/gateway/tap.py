@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from pushd import config, tls
 from pushd.admission import Admission, fit_fd_limit
-from pushd.gateway.heap import FrozenStartup
+from pushd.gateway.heap import FrozenStartup, HeapTrimmer
 from pushd.endpoints import BadListener, listener, reuse_port_endpoint, split_tls
 from pushd.gateway.auth import Authenticator
 from pushd.gateway.cluster import Node, default_node_id
@@ -205,7 +205,10 @@ def _admissions(options, reactor):
                   preauth_reads_per_turn=options["preauth-reads-per-turn"])
     return (
         Admission("courier", reactor, caps["courier"], options["max-per-address"], **common),
-        Admission("provider", reactor, caps["provider"], options["provider-max-per-address"], **common),
+        # The courier's factory trims the heap after its bursts; the provider's connections
+        # (an HTTP/2 flood's parse buffers) had nothing giving their freed pages back.
+        Admission("provider", reactor, caps["provider"], options["provider-max-per-address"],
+                  heap=HeapTrimmer(reactor), **common),
     )
 
 

@@ -42,6 +42,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pushd._lowlevel import h2 as lowlevel_h2
 from pushd.gateway import hpackfast
 from pushd.gateway.provider.limits import H2_INITIAL_WINDOW, EventLog, Limits
 from pushd.gateway.provider.rules import Answer, Refused, duplicated
@@ -423,6 +424,7 @@ class ProviderH2(Protocol):
         self.unsent.clear()
         self.early.clear()
         self.held = 0
+        lowlevel_h2.forget(self.conn)  # its one cycle: freed by refcount, not the collector
 
     # --- requests -------------------------------------------------------------
 
