@@ -156,6 +156,21 @@ def cpu_seconds(pids) -> float:
     return total / tick
 
 
+def tree_pids(pid) -> list:
+    """A process and all its descendants (a --workers supervisor and its workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
 def tmpdir(prefix="pushd-bench-") -> Path:
     # Short: AF_UNIX paths and long temp dirs do not mix.
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
@@ -285,7 +300,20 @@ class Gateway(_Server):
     def ready(self, timeout=60.0):
         wait_port(self.provider_port, self.proc, timeout)
         wait_port(self.courier_port, self.proc, timeout)
+        workers = int(self.args[self.args.index("--workers") + 1]) if "--workers" in self.args else 1
+        if workers > 1:
+            # One worker listening is enough for wait_port; wait for all N (each opens the
+            # ports itself with SO_REUSEPORT), then for them to finish starting.
+            deadline = time.monotonic() + timeout
+            while len(self.pids) < workers + 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(2.0)
         return self
+
+    @property
+    def pids(self):
+        """The gateway's processes: itself, or a supervisor and its workers."""
+        return tree_pids(self.proc.pid)
 
 
 class Mosquitto(_Server):

@@ -65,8 +65,9 @@ def fill(creds, gateway, work, devices, messages, indices=None):
         raise RuntimeError(f"filling the store failed: {line or out[-500:]}")
 
 
-def run_pushd(creds, work, devices=10_000, messages=5, store="memory", log=print):
-    gw = common.Gateway(creds, work, store=store, name=f"fan-gw-{store.split(':')[0]}").start()
+def run_pushd(creds, work, devices=10_000, messages=5, store="memory", log=print, cpus=None, gateway_args=()):
+    gw = common.Gateway(creds, work, store=store, name=f"fan-gw-{store.split(':')[0]}", cpus=cpus,
+                        args=gateway_args).start()
     nworkers = max(2, math.ceil(devices / 10_000))
     workers = fleet.Workers(nworkers)
     try:
@@ -78,12 +79,13 @@ def run_pushd(creds, work, devices=10_000, messages=5, store="memory", log=print
         fill(creds, gw, work, devices, messages)
         total = devices * messages
         load_pids = [p.pid for p in workers.procs]
-        cpu0, load0 = common.cpu_seconds([gw.pid]), common.cpu_seconds(load_pids)
+        gw_pids = gw.pids
+        cpu0, load0 = common.cpu_seconds(gw_pids), common.cpu_seconds(load_pids)
         t0 = time.time()
         workers.call("filter", lambda k: None)
         s = _wait_received(workers, total, 300, log)
         elapsed = s["last_receive"] - t0
-        cpu = common.cpu_seconds([gw.pid]) - cpu0
+        cpu = common.cpu_seconds(gw_pids) - cpu0
         load = common.cpu_seconds(load_pids) - load0
         kind = "Redis" if store.startswith("redis") else store.split(":")[0]
         row = {"server": f"pushd ({kind} store), acked", "devices": devices, "delivered": s["received"],

@@ -132,7 +132,7 @@ def _stored(store: str, db_path: Path | None, redis_url: str | None):
 
 
 def run(creds, work, *, store="sqlite", protocol="h2", auth="jwt", duration=15.0, devices=10000, clients=8,
-        streams=64, warmup=0.0, sqlite_synchronous="full", name=None, gateway_args=(), profile=None) -> dict:
+        streams=64, warmup=0.0, sqlite_synchronous="full", name=None, gateway_args=(), profile=None, cpus=None) -> dict:
     """One ingest run against a gateway of its own; returns the figures as a dict.
 
     store: "sqlite" (a fresh file under ``work``), "sqlite:PATH", "redis" (starts a
@@ -172,7 +172,7 @@ def run(creds, work, *, store="sqlite", protocol="h2", auth="jwt", duration=15.0
     args = list(gateway_args)
     if spec.startswith("sqlite"):
         args += ["--sqlite-synchronous", sqlite_synchronous]
-    gw = common.Gateway(creds, work, store=spec, name=name, args=args).start()
+    gw = common.Gateway(creds, work, store=spec, name=name, args=args, cpus=cpus).start()
     try:
         base = f"https://127.0.0.1:{gw.provider_port}"
         uris = work / f"{name}.uris"
@@ -207,7 +207,7 @@ def run(creds, work, *, store="sqlite", protocol="h2", auth="jwt", duration=15.0
                 [str(spy_bin) if spy_bin.exists() else "py-spy", "record", "-p", str(gw.pid), "-d",
                  str(max(1, int(duration - 1))), "-r", "200", "-f", "raw", "-o", str(profile), "--threads"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=common.pin(common.LOAD_CPUS))
-        pids = [gw.pid]
+        pids = gw.pids
         cpu0, extra0, t0 = common.cpu_seconds(pids), common.cpu_seconds(pids_extra), time.monotonic()
         busy0, kids0 = _busy_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=common.pin(common.LOAD_CPUS),

@@ -250,6 +250,9 @@ def write(results, docs: Path):
         if scenario in results:
             fields[f"{scenario}_params"] = ", ".join(f"{k} {v}" for k, v in results[scenario]["params"].items())
             fields[f"{scenario}_seconds"] = str(results[scenario].get("seconds", "–"))
+    from bench import cluster  # its own run (python -m bench.cluster all) writes what this shows
+
+    fields["cluster_section"] = cluster.section(docs) or "_cluster: not run yet (python -m bench.cluster all)_\n"
     text = TEMPLATE.read_text()
     text = re.sub(r"\{\{(\w+)\}\}", lambda m: fields.get(m.group(1), "–"), text)
     (docs / "benchmarks.md").write_text(text)
