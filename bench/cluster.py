@@ -32,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common, fanout, fleet, h2send, ingest
-from bench.latency import _drain, _percentiles
+from bench import common, fanout, fleet, ingest
+from bench.latency import _percentiles, timed_round
 
 
 def redis_commands(port: int) -> dict:
@@ -114,17 +114,7 @@ def latency(devices: int, rate: int, duration: float, log=print, setup=None, rou
             this = {}
             for via in order:
                 gw = paths[via]
-                workers.call("reset", lambda k: None)
-                workers.call("options", lambda k: {"timestamps": True})
-                sent = h2send.run_in_process(cpus=common.LOAD_CPUS, port=gw.provider_port,
-                                             authorization=f"bearer {creds.provider_key}", tokens=tokens,
-                                             topic=common.TOPIC, rate=rate, duration=duration, connections=4)
-                if "error" in sent:
-                    raise RuntimeError(f"h2send failed: {sent['error']}")
-                ok = {str(k): v for k, v in sent.get("statuses", {}).items()}.get("200", 0)
-                st = _drain(workers, ok)
-                workers.call("options", lambda k: {"timestamps": False})
-                lat = workers.stats(latencies=True)["latencies"]
+                _, _, ok, st, lat = timed_round(creds, gw, workers, tokens, rate, duration)
                 acc = pooled[via]
                 acc["accepted"] += ok
                 acc["delivered"] += st["received"]

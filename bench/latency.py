@@ -31,6 +31,23 @@ def _percentiles(samples):
     return {"p50_ms": pct(50), "p99_ms": pct(99), "p999_ms": pct(99.9), "max_ms": pct(100)}
 
 
+def timed_round(creds, gw, workers, tokens, rate, duration):
+    """Post at ``rate`` for ``duration`` s through ``gw``'s provider API and wait for the
+    deliveries: (h2send's report, statuses, accepted, drain stats, latency samples)."""
+    workers.call("reset", lambda k: None)
+    workers.call("options", lambda k: {"timestamps": True})
+    sent = h2send.run_in_process(cpus=common.LOAD_CPUS, port=gw.provider_port,
+                                 authorization=f"bearer {creds.provider_key}", tokens=tokens,
+                                 topic=common.TOPIC, rate=rate, duration=duration, connections=4)
+    if "error" in sent:
+        raise RuntimeError(f"h2send failed: {sent['error']}")
+    statuses = {str(k): v for k, v in sent.get("statuses", {}).items()}
+    ok = statuses.get("200", 0)
+    drained = _drain(workers, ok)
+    workers.call("options", lambda k: {"timestamps": False})
+    return sent, statuses, ok, drained, workers.stats(latencies=True)["latencies"]
+
+
 def _drain(workers, target, timeout=30.0):
     """Wait for `target` deliveries, then for quiet: a request h2load gave up on may still land."""
     deadline = time.monotonic() + timeout
@@ -98,18 +115,7 @@ def run_store(creds, work, store, devices=1000, duration=10.0, fractions=(0.1, 0
         rows = []
         for f in fractions:
             rate = max(1, round(top["per_second"] * f))
-            workers.call("reset", lambda k: None)
-            workers.call("options", lambda k: {"timestamps": True})
-            sent = h2send.run_in_process(cpus=common.LOAD_CPUS, port=gw.provider_port,
-                                         authorization=f"bearer {creds.provider_key}", tokens=tokens,
-                                         topic=common.TOPIC, rate=rate, duration=duration, connections=4)
-            if "error" in sent:
-                raise RuntimeError(f"h2send failed: {sent['error']}")
-            statuses = {str(k): v for k, v in sent.get("statuses", {}).items()}
-            ok = statuses.get("200", 0)
-            s = _drain(workers, ok)
-            workers.call("options", lambda k: {"timestamps": False})
-            lat = workers.stats(latencies=True)["latencies"]
+            sent, statuses, ok, s, lat = timed_round(creds, gw, workers, tokens, rate, duration)
             row = {"store": store, "fraction": f, "offered_per_second": rate,
                    "achieved_per_second": sent.get("achieved_rate"), "sent": sent.get("sent"), "accepted": ok,
                    "delivered": s["received"], "samples": len(lat), **_percentiles(lat),
