@@ -98,3 +98,16 @@ class Stack:
 
     def status(self, device="device"):
         return procs.run(procs.PUSHCTL + ["status", "--socket", str(self.state(device) / "pushd.sock")], self.dir)
+
+
+def spawn_node(s, name, courier, provider, cleanup):
+    """Another gateway node of stack ``s`` (same state dir: one CA, token secret and device
+    registry) on the given ports; fires once it is subscribed to its bus channel."""
+    p = procs.spawn(f"gateway-{name}", procs.TWISTD + [
+        "pushd-gateway", "--state-dir", str(s.gw_state), "--node-id", f"node-{name}",
+        "--courier", f"tls:{courier}:interface=127.0.0.1",
+        "--provider", f"tls:{provider}:interface=127.0.0.1",
+        *s.gateway_args,
+    ], s.dir)
+    cleanup(p.stop)
+    return p, p.wait_for(r"subscribed to pushd:bus:node-" + name)

@@ -17,7 +17,7 @@ from pushd.gateway.courier import ABORT_AFTER
 
 from . import procs
 from .redis_server import RedisServer
-from .stack import Stack
+from .stack import Stack, spawn_node
 
 #: How soon a cross-node push must arrive: the device's keepalive (and so any reconnect) is
 #: minutes away, a wake takes milliseconds; this leaves room for a loaded machine.
@@ -42,15 +42,8 @@ class ClusterEndToEndTests(unittest.TestCase):
         s = self.s
         courier, provider = (s.courier_port, s.provider_port) if name == "A" else (procs.free_port(), procs.free_port())
         self.ports[name] = courier, provider
-        p = procs.spawn(f"gateway-{name}", procs.TWISTD + [
-            "pushd-gateway", "--state-dir", str(s.gw_state), "--node-id", f"node-{name}",
-            "--courier", f"tls:{courier}:interface=127.0.0.1",
-            "--provider", f"tls:{provider}:interface=127.0.0.1",
-            *s.gateway_args,
-        ], s.dir)
-        self.gateways[name] = p
-        self.addCleanup(p.stop)
-        return p.wait_for(r"subscribed to pushd:bus:node-" + name)
+        self.gateways[name], subscribed = spawn_node(s, name, courier, provider, self.addCleanup)
+        return subscribed
 
     def start_device(self, name, gateway):
         s = self.s

@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 
 from . import procs
 from .redis_server import RedisSentinel, RedisServer
-from .stack import TOPIC, Stack
+from .stack import TOPIC, Stack, spawn_node
 from .test_store_sentinel import replicated
 
 #: How soon a push must arrive, or a drained node's devices be connected elsewhere: a device's
@@ -106,15 +106,8 @@ class Cluster:
     def start_gateway(self, name):
         s = self.s
         courier, provider = self.ports.setdefault(name, (procs.free_port(), procs.free_port()))
-        p = procs.spawn(f"gateway-{name}", procs.TWISTD + [
-            "pushd-gateway", "--state-dir", str(s.gw_state), "--node-id", f"node-{name}",
-            "--courier", f"tls:{courier}:interface=127.0.0.1",
-            "--provider", f"tls:{provider}:interface=127.0.0.1",
-            *s.gateway_args,
-        ], s.dir)
-        self.gateways[name] = p
-        self.case.addCleanup(p.stop)
-        return p.wait_for(r"subscribed to pushd:bus:node-" + name)
+        self.gateways[name], subscribed = spawn_node(s, name, courier, provider, self.case.addCleanup)
+        return subscribed
 
     @defer.inlineCallbacks
     def start_device(self, name, nodes):
